@@ -1,0 +1,163 @@
+"""Audio decoding: bytes in, a mono float32 waveform at the encoder's sample rate out.
+
+Every door into Sceneprint (the service, training, the benchmarks) decodes through ``decode_clip``,
+so a clip is read, downmixed and resampled the same way everywhere.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+import soundfile as sf
+import torch
+import torchaudio.functional as AF
+
+# Sample rates outside this range are not audio a microphone produced; a header claiming them is
+# either corrupt or hostile.
+MIN_SAMPLE_RATE = 4_000
+MAX_SAMPLE_RATE = 384_000
+# Mono to 7.1; anything wider is not a recording of a scene.
+MAX_CHANNELS = 8
+# Standard deviation below which a clip carries no signal (about -100 dBFS): digital silence or DC.
+SILENCE_STD = 1e-5
+
+
+class AudioError(ValueError):
+    """A clip that cannot be used, with a stable machine-readable ``code``."""
+
+    code = "invalid_audio"
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class EmptyFile(AudioError):
+    code = "empty_file"
+
+
+class UndecodableAudio(AudioError):
+    code = "undecodable_audio"
+
+
+class UnsupportedAudio(AudioError):
+    code = "unsupported_audio"
+
+
+class TooShort(AudioError):
+    code = "too_short"
+
+
+class TooLong(AudioError):
+    code = "too_long"
+
+
+class Silent(AudioError):
+    code = "silent"
+
+
+class NonFinite(AudioError):
+    code = "non_finite"
+
+
+@dataclass(frozen=True)
+class ClipLimits:
+    """Durations a clip must fall between, in seconds."""
+
+    min_seconds: float = 1.0
+    max_seconds: float = 60.0
+
+
+@dataclass(frozen=True)
+class DecodedClip:
+    """A decoded clip: mono float32 samples at ``sample_rate``, and what the file said about itself."""
+
+    waveform: np.ndarray  # (N,) float32
+    sample_rate: int
+    source_sample_rate: int
+    source_channels: int
+    source_format: str
+
+    @property
+    def duration_s(self) -> float:
+        return len(self.waveform) / self.sample_rate
+
+
+def decode_clip(data: bytes, *, sample_rate: int, limits: ClipLimits) -> DecodedClip:
+    """Decode audio bytes to a mono waveform at ``sample_rate``.
+
+    The format is decided by content (libsndfile sniffs the header), never by file name. Duration
+    limits are checked against the header before any sample is decoded, so a compressed file that
+    expands to hours of audio is refused without expanding it.
+
+    Args:
+        data: The file's bytes.
+        sample_rate: The rate to resample to (the encoder's rate).
+        limits: The accepted duration range.
+
+    Returns:
+        The decoded clip.
+
+    Raises:
+        AudioError: One of its subclasses, naming the reason.
+    """
+    if len(data) == 0:
+        raise EmptyFile("the file is empty (0 bytes)")
+    try:
+        with sf.SoundFile(io.BytesIO(data)) as f:
+            rate, channels, frames, fmt = f.samplerate, f.channels, f.frames, f.format
+            _check_header(rate, channels, frames, limits)
+            # Read at most one frame past the limit: a header that under-reports cannot make us
+            # decode more than that.
+            max_frames = int(limits.max_seconds * rate) + 1
+            samples = f.read(frames=min(frames, max_frames), dtype="float32", always_2d=True)  # (N, C)
+    except AudioError:
+        raise
+    except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OverflowError) as exc:
+        raise UndecodableAudio(f"not a decodable audio file ({_short(exc)})") from exc
+
+    if samples.shape[0] == 0:
+        raise TooShort("the file holds no audio frames")
+    if not np.isfinite(samples).all():
+        raise NonFinite("the audio contains NaN or infinite samples")
+    mono = samples.mean(axis=1, dtype=np.float32)  # (N,)
+    duration = len(mono) / rate
+    if duration < limits.min_seconds:
+        raise TooShort(f"{duration:.3f} s of audio; at least {limits.min_seconds:g} s is needed")
+    if duration > limits.max_seconds:
+        raise TooLong(f"{duration:.1f} s of audio; at most {limits.max_seconds:g} s is accepted")
+    if float(mono.std()) < SILENCE_STD:
+        raise Silent("the audio is silent (digital silence or a constant value)")
+    return DecodedClip(
+        waveform=resample(mono, rate, sample_rate),
+        sample_rate=sample_rate,
+        source_sample_rate=rate,
+        source_channels=channels,
+        source_format=fmt,
+    )
+
+
+def resample(waveform: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:
+    """Resample a mono float32 waveform (band-limited sinc interpolation)."""
+    if orig_rate == new_rate:
+        return np.ascontiguousarray(waveform, dtype=np.float32)
+    out = AF.resample(torch.from_numpy(np.ascontiguousarray(waveform)), orig_rate, new_rate)
+    return out.numpy().astype(np.float32, copy=False)
+
+
+def _check_header(rate: int, channels: int, frames: int, limits: ClipLimits) -> None:
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise UnsupportedAudio(
+            f"sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz"
+        )
+    if not 1 <= channels <= MAX_CHANNELS:
+        raise UnsupportedAudio(f"{channels} channels; at most {MAX_CHANNELS} are accepted")
+    if frames / rate > limits.max_seconds:
+        raise TooLong(f"{frames / rate:.1f} s of audio; at most {limits.max_seconds:g} s is accepted")
+
+
+def _short(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    return text[:200]

@@ -1,0 +1,109 @@
+"""The encoder: log-mel front-end + CP-Mobile network + how long audio is windowed.
+
+``Encoder.embed_clip`` is the one path from a decoded waveform to a clip embedding; the service,
+the few-shot evaluation and the benchmarks all call it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from sceneprint.cpmobile import CPMobile, CPMobileConfig
+from sceneprint.frontend import LogMel, LogMelConfig
+from sceneprint.prototypes import mean_direction
+
+
+@dataclass(frozen=True)
+class WindowConfig:
+    """Audio longer than ``window_seconds`` is embedded over windows ``hop_seconds`` apart."""
+
+    window_seconds: float = 5.0
+    hop_seconds: float = 2.5
+
+
+class Encoder(nn.Module):
+    """Waveform (B, N) at ``frontend.sample_rate`` -> unit embeddings (B, D)."""
+
+    def __init__(self, frontend: LogMelConfig, network: CPMobileConfig, window: WindowConfig) -> None:
+        super().__init__()
+        self.frontend_config = frontend
+        self.network_config = network
+        self.window = window
+        self.frontend = LogMel(frontend)
+        self.network = CPMobile(network)
+
+    @property
+    def sample_rate(self) -> int:
+        return self.frontend_config.sample_rate
+
+    @property
+    def embedding_dim(self) -> int:
+        return self.network_config.embedding_dim
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.network(self.frontend(waveform))
+
+    def windows(self, waveform: np.ndarray) -> torch.Tensor:
+        """Cut a mono waveform (N,) into windows (W, L); the last window ends at the clip's end."""
+        size = round(self.window.window_seconds * self.sample_rate)
+        hop = round(self.window.hop_seconds * self.sample_rate)
+        x = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32))
+        if len(x) <= size:
+            return x.unsqueeze(0)  # (1, N): short clips are embedded whole
+        starts = list(range(0, len(x) - size + 1, hop))
+        if starts[-1] + size < len(x):
+            starts.append(len(x) - size)
+        return torch.stack([x[s : s + size] for s in starts])  # (W, L)
+
+    @torch.inference_mode()
+    def embed_clip(self, waveform: np.ndarray) -> np.ndarray:
+        """Embed one decoded clip (N,) -> (D,) unit vector, aggregating its windows."""
+        was_training = self.training
+        self.eval()
+        try:
+            window_embeddings = self(self.windows(waveform)).numpy()  # (W, D)
+        finally:
+            self.train(was_training)
+        return mean_direction(window_embeddings)
+
+
+def count_macs(module: nn.Module, example: torch.Tensor) -> int:
+    """Multiply-accumulates of convolutions and linear layers for one forward pass of ``example``."""
+    total = 0
+
+    def conv_hook(m: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        assert isinstance(m, nn.Conv2d)
+        kh, kw = m.kernel_size
+        total += out.numel() * (m.in_channels // m.groups) * kh * kw
+
+    def linear_hook(m: nn.Module, _inp: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        nonlocal total
+        assert isinstance(m, nn.Linear)
+        total += out.numel() * m.in_features
+
+    handles = []
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            handles.append(m.register_forward_hook(conv_hook))
+        elif isinstance(m, nn.Linear):
+            handles.append(m.register_forward_hook(linear_hook))
+    try:
+        with torch.inference_mode():
+            module.eval()
+            module(example)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def network_macs_per_second(encoder: Encoder) -> int:
+    """Network MACs for one second of audio (the front-end's FFTs are not counted)."""
+    frames = encoder.frontend_config.frames(encoder.sample_rate)
+    example = torch.zeros(1, 1, encoder.frontend_config.n_mels, frames)
+    return count_macs(encoder.network, example)

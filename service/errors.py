@@ -1,0 +1,79 @@
+"""Domain errors, each with an HTTP status and a stable ``code``, rendered as RFC 9457 problem+json."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sceneprint.audio import AudioError
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class SceneprintError(Exception):
+    """Base of every error the API reports on purpose."""
+
+    status = 400
+    code = "bad_request"
+    title = "Bad request"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class InvalidSceneName(SceneprintError):
+    status, code, title = 422, "invalid_scene_name", "Invalid scene name"
+
+
+class SceneNotFound(SceneprintError):
+    status, code, title = 404, "scene_not_found", "Scene not found"
+
+
+class SceneExists(SceneprintError):
+    status, code, title = 409, "scene_exists", "Scene already exists"
+
+
+class WrongClipCount(SceneprintError):
+    status, code, title = 422, "wrong_clip_count", "Wrong number of clips"
+
+
+class DuplicateClips(SceneprintError):
+    status, code, title = 422, "duplicate_clips", "Duplicate clips"
+
+
+class TooLarge(SceneprintError):
+    status, code, title = 413, "too_large", "Upload too large"
+
+
+class ClipRejected(SceneprintError):
+    """One uploaded clip is unusable; the problem names the file and carries the audio error's code."""
+
+    status, title = 422, "Clip rejected"
+
+    def __init__(self, filename: str, error: AudioError) -> None:
+        super().__init__(f"clip {filename!r}: {error.reason}", file=filename)
+        self.code = error.code
+
+
+class StorageUnavailable(SceneprintError):
+    status, code, title = 503, "storage_unavailable", "Storage unavailable"
+
+
+class DatabaseBusy(SceneprintError):
+    status, code, title = 503, "database_busy", "Database busy"
+
+
+class NotReady(SceneprintError):
+    status, code, title = 503, "not_ready", "Service not ready"
+
+
+def problem(status: int, code: str, title: str, detail: str, instance: str | None = None,
+            **extra: Any) -> dict[str, Any]:
+    """An RFC 9457 problem document."""
+    body: dict[str, Any] = {"type": f"urn:sceneprint:problem:{code}", "title": title, "status": status,
+                            "detail": detail, "code": code}
+    if instance is not None:
+        body["instance"] = instance
+    body.update(extra)
+    return body

@@ -1,0 +1,62 @@
+"""The scene index: FAISS inner-product search over scene prototypes, keyed by scene id.
+
+It is a cache of the prototypes table for the running model version: rebuilt from the database at
+start-up and updated after each commit. Prototypes are unit vectors, so inner product = cosine.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import faiss
+import numpy as np
+
+from sceneprint.prototypes import Match
+
+
+class SceneIndex:
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self._names: dict[int, str] = {}
+        # FAISS mutation is not safe against concurrent search.
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def rebuild(self, rows: list[tuple[int, str, np.ndarray]]) -> None:
+        """Replace the whole content with (scene id, name, prototype) rows."""
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        if rows:
+            vectors = np.stack([v for _, _, v in rows]).astype(np.float32)  # (M, D)
+            index.add_with_ids(vectors, np.array([i for i, _, _ in rows], dtype=np.int64))
+        with self._lock:
+            self._index = index
+            self._names = {i: name for i, name, _ in rows}
+
+    def upsert(self, scene_id: int, name: str, prototype: np.ndarray) -> None:
+        ids = np.array([scene_id], dtype=np.int64)
+        with self._lock:
+            self._index.remove_ids(ids)
+            self._index.add_with_ids(prototype.reshape(1, -1).astype(np.float32), ids)
+            self._names[scene_id] = name
+
+    def remove(self, scene_id: int) -> None:
+        with self._lock:
+            self._index.remove_ids(np.array([scene_id], dtype=np.int64))
+            self._names.pop(scene_id, None)
+
+    def search(self, query: np.ndarray, k: int) -> list[Match]:
+        """The ``k`` best scenes for a unit query vector, best first."""
+        with self._lock:
+            k = min(k, len(self._names))
+            if k == 0:
+                return []
+            scores, ids = self._index.search(query.reshape(1, -1).astype(np.float32), k)
+            return [Match(scene=self._names[int(i)], score=float(s))
+                    for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+
+    def ids(self) -> set[int]:
+        with self._lock:
+            return set(self._names)

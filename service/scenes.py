@@ -1,0 +1,314 @@
+"""The service layer: enrollment, clips, scenes and classification, over the repository and index.
+
+Routes call these methods from a worker thread; they raise ``SceneprintError`` subclasses only.
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime
+
+import numpy as np
+import torch
+from sceneprint.service import repository as repo
+from sceneprint.service.clipstore import ClipStore, content_hash
+from sceneprint.service.errors import (
+    ClipRejected,
+    DatabaseBusy,
+    DuplicateClips,
+    InvalidSceneName,
+    SceneExists,
+    SceneNotFound,
+    StorageUnavailable,
+    TooLarge,
+    WrongClipCount,
+)
+from sceneprint.service.index import SceneIndex
+from sceneprint.service.tables import Scene
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+from sceneprint.audio import AudioError, ClipLimits, DecodedClip, decode_clip
+from sceneprint.bundle import Manifest
+from sceneprint.encoder import Encoder
+from sceneprint.prototypes import Decision, decide, prototype
+
+SCENE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+
+
+def check_scene_name(name: str) -> str:
+    """Return ``name`` if it is 1-64 characters of a-z, 0-9, '-', '_'; else raise InvalidSceneName."""
+    if not SCENE_NAME.fullmatch(name):
+        raise InvalidSceneName(
+            f"scene name {name[:80]!r} is invalid: use 1-64 characters of lowercase letters, digits, '-' and '_'"
+        )
+    return name
+
+
+def display_filename(name: str | None) -> str:
+    """A client file name made safe for display and storage as text (never used as a path)."""
+    cleaned = "".join(ch for ch in unicodedata.normalize("NFC", name or "") if ch.isprintable())
+    return cleaned[:255] or "unnamed"
+
+
+@dataclass(frozen=True)
+class Upload:
+    filename: str
+    data: bytes
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """The running encoder and its manifest; replaced whole, never mutated."""
+
+    encoder: Encoder
+    manifest: Manifest
+
+    @property
+    def version(self) -> str:
+        return self.manifest.model_version
+
+    def embed(self, clip: DecodedClip) -> np.ndarray:
+        return self.encoder.embed_clip(clip.waveform)
+
+
+@dataclass(frozen=True)
+class SceneInfo:
+    name: str
+    clips: int
+    model_version: str | None
+    created_at: datetime
+
+
+@dataclass(frozen=True)
+class Classification:
+    decision: Decision
+    model_version: str
+    duration_s: float
+
+
+class SceneService:
+    def __init__(self, *, sessions: sessionmaker[Session], store: ClipStore, index: SceneIndex, model: LoadedModel,
+                 limits: ClipLimits, max_upload_bytes: int, clips_per_enrollment: int, unknown_threshold: float,
+                 torch_threads: int) -> None:
+        self.sessions = sessions
+        self.store = store
+        self.index = index
+        self.model = model
+        self.limits = limits
+        self.max_upload_bytes = max_upload_bytes
+        self.clips_per_enrollment = clips_per_enrollment
+        self.unknown_threshold = unknown_threshold
+        self.torch_threads = torch_threads
+
+    # --- start-up -------------------------------------------------------------------------------
+
+    def start(self) -> dict[str, int]:
+        """Embed scenes that lack a prototype for the running model, sweep orphan audio, rebuild the index."""
+        model = self.model
+        with self._session() as session:
+            missing = repo.scenes_without_prototype(session, model_version=model.version)
+            for scene in missing:
+                self._reembed(session, scene_id=scene.id, model=model)
+            session.commit()
+        with self.store.lock, self._session() as session:
+            swept = self.store.sweep(repo.referenced_hashes(session))
+        self.rebuild_index()
+        return {"reembedded": len(missing), "swept": swept, "indexed": len(self.index)}
+
+    def rebuild_index(self) -> None:
+        """Rebuild the index from the database and check that the two agree."""
+        with self._session() as session:
+            rows = repo.prototypes(session, model_version=self.model.version)
+            total = repo.count_scenes(session)
+        self.index.rebuild(rows)
+        if len(self.index) != total or self.index.ids() != {i for i, _, _ in rows}:
+            raise RuntimeError(f"index holds {len(self.index)} scenes, the database {total}")
+
+    # --- scenes ---------------------------------------------------------------------------------
+
+    def enroll(self, name: str, uploads: Sequence[Upload]) -> SceneInfo:
+        """Create a scene from exactly ``clips_per_enrollment`` clips, all or nothing."""
+        check_scene_name(name)
+        if len(uploads) != self.clips_per_enrollment:
+            raise WrongClipCount(f"enrollment needs exactly {self.clips_per_enrollment} clips, got {len(uploads)}",
+                                 expected=self.clips_per_enrollment, received=len(uploads))
+        model = self.model
+        with self._session() as session:
+            if repo.get_scene(session, name=name) is not None:
+                raise SceneExists(f"scene {name!r} already exists", scene=name)
+        hashes = self._check_uploads(uploads, existing=set())
+        decoded = [self._decode(u) for u in uploads]
+        embeddings = np.stack([self._embed(model, d) for d in decoded])  # (clips, D)
+        proto = prototype(embeddings)
+        with self.store.lock:
+            self._store_blobs(uploads)
+            with self._session() as session:
+                try:
+                    scene = repo.create_scene(session, name=name)
+                except IntegrityError:
+                    raise SceneExists(f"scene {name!r} already exists", scene=name) from None
+                for upload, sha, clip, emb in zip(uploads, hashes, decoded, embeddings, strict=True):
+                    row = repo.add_clip(session, scene=scene, sha256=sha, filename=display_filename(upload.filename),
+                                        byte_size=len(upload.data), duration_s=clip.duration_s)
+                    repo.put_clip_embedding(session, clip_id=row.id, model_version=model.version, vector=emb)
+                repo.put_prototype(session, scene_id=scene.id, model_version=model.version, vector=proto,
+                                   n_clips=len(uploads))
+                self._commit(session)
+                scene_id, created_at = scene.id, scene.created_at
+        self._index_if_current(model, scene_id, name, proto)
+        return SceneInfo(name=name, clips=len(uploads), model_version=model.version, created_at=created_at)
+
+    def add_clips(self, name: str, uploads: Sequence[Upload]) -> SceneInfo:
+        """Add 1..clips_per_enrollment clips to an existing scene and update its prototype."""
+        check_scene_name(name)
+        if not 1 <= len(uploads) <= self.clips_per_enrollment:
+            raise WrongClipCount(f"send 1 to {self.clips_per_enrollment} clips, got {len(uploads)}",
+                                 expected=self.clips_per_enrollment, received=len(uploads))
+        model = self.model
+        with self._session() as session:
+            scene = self._get(session, name)
+            existing = {c.sha256 for c in scene.clips}
+        hashes = self._check_uploads(uploads, existing=existing)
+        decoded = [self._decode(u) for u in uploads]
+        embeddings = [self._embed(model, d) for d in decoded]
+        with self.store.lock:
+            self._store_blobs(uploads)
+            with self._session() as session:
+                scene = self._get(session, name)
+                for upload, sha, clip, emb in zip(uploads, hashes, decoded, embeddings, strict=True):
+                    row = repo.add_clip(session, scene=scene, sha256=sha, filename=display_filename(upload.filename),
+                                        byte_size=len(upload.data), duration_s=clip.duration_s)
+                    repo.put_clip_embedding(session, clip_id=row.id, model_version=model.version, vector=emb)
+                all_embeddings = repo.clip_embeddings(session, scene_id=scene.id, model_version=model.version)
+                proto = prototype(all_embeddings)
+                repo.put_prototype(session, scene_id=scene.id, model_version=model.version, vector=proto,
+                                   n_clips=len(all_embeddings))
+                try:
+                    self._commit(session)
+                except IntegrityError:
+                    raise DuplicateClips("a clip in this request was added to the scene concurrently") from None
+                info = SceneInfo(name=name, clips=len(all_embeddings), model_version=model.version,
+                                 created_at=scene.created_at)
+                scene_id = scene.id
+        self._index_if_current(model, scene_id, name, proto)
+        return info
+
+    def list_scenes(self) -> list[SceneInfo]:
+        with self._session() as session:
+            rows = repo.scene_rows(session, model_version=self.model.version)
+        return [SceneInfo(name=r.name, clips=r.clips, model_version=r.model_version, created_at=r.created_at)
+                for r in rows]
+
+    def get_scene(self, name: str) -> SceneInfo:
+        check_scene_name(name)
+        with self._session() as session:
+            rows = repo.scene_rows(session, model_version=self.model.version, name=name)
+        if not rows:
+            raise SceneNotFound(f"scene {name!r} does not exist", scene=name)
+        r = rows[0]
+        return SceneInfo(name=r.name, clips=r.clips, model_version=r.model_version, created_at=r.created_at)
+
+    def delete_scene(self, name: str) -> None:
+        check_scene_name(name)
+        with self.store.lock:
+            with self._session() as session:
+                scene = self._get(session, name)
+                scene_id = scene.id
+                hashes = repo.delete_scene(session, scene=scene)
+                self._commit(session)
+            self.index.remove(scene_id)
+            with self._session() as session:
+                still_used = repo.referenced_hashes(session, among=hashes)
+            self.store.remove(set(hashes) - still_used)
+
+    # --- classification -------------------------------------------------------------------------
+
+    def classify(self, upload: Upload, top_k: int) -> Classification:
+        """Nearest scenes for one clip; unknown when the best score is below the threshold."""
+        self._check_size(upload)
+        model = self.model
+        clip = self._decode(upload)
+        query = self._embed(model, clip)
+        matches = self.index.search(query, top_k)
+        return Classification(decision=decide(matches, self.unknown_threshold), model_version=model.version,
+                              duration_s=round(clip.duration_s, 3))
+
+    # --- internals ------------------------------------------------------------------------------
+
+    def _check_uploads(self, uploads: Sequence[Upload], existing: set[str]) -> list[str]:
+        for u in uploads:
+            self._check_size(u)
+        hashes = [content_hash(u.data) for u in uploads]
+        seen: dict[str, str] = {}
+        for u, h in zip(uploads, hashes, strict=True):
+            if h in seen:
+                raise DuplicateClips(f"clips {display_filename(seen[h])!r} and {display_filename(u.filename)!r} "
+                                     "have identical content", file=display_filename(u.filename))
+            if h in existing:
+                raise DuplicateClips(f"clip {display_filename(u.filename)!r} is already in this scene",
+                                     file=display_filename(u.filename))
+            seen[h] = u.filename
+        return hashes
+
+    def _check_size(self, upload: Upload) -> None:
+        if len(upload.data) > self.max_upload_bytes:
+            raise TooLarge(f"clip {display_filename(upload.filename)!r} is {len(upload.data)} bytes; the limit is "
+                           f"{self.max_upload_bytes}", file=display_filename(upload.filename))
+
+    def _decode(self, upload: Upload) -> DecodedClip:
+        try:
+            return decode_clip(upload.data, sample_rate=self.model.encoder.sample_rate, limits=self.limits)
+        except AudioError as exc:
+            raise ClipRejected(display_filename(upload.filename), exc) from exc
+
+    def _embed(self, model: LoadedModel, clip: DecodedClip) -> np.ndarray:
+        torch.set_num_threads(self.torch_threads)
+        return model.embed(clip)
+
+    def _store_blobs(self, uploads: Sequence[Upload]) -> None:
+        try:
+            for u in uploads:
+                self.store.put(u.data)
+        except OSError as exc:
+            raise StorageUnavailable(f"the clip store cannot be written: {exc.strerror or exc}") from exc
+
+    def _reembed(self, session: Session, *, scene_id: int, model: LoadedModel) -> None:
+        clips = repo.clip_rows(session, scene_id=scene_id)
+        embeddings = []
+        for clip in clips:
+            decoded = decode_clip(self.store.read(clip.sha256), sample_rate=model.encoder.sample_rate,
+                                  limits=ClipLimits(min_seconds=0.0, max_seconds=float("inf")))
+            emb = self._embed(model, decoded)
+            repo.put_clip_embedding(session, clip_id=clip.id, model_version=model.version, vector=emb)
+            embeddings.append(emb)
+        repo.put_prototype(session, scene_id=scene_id, model_version=model.version,
+                           vector=prototype(np.stack(embeddings)), n_clips=len(embeddings))
+
+    def _index_if_current(self, model: LoadedModel, scene_id: int, name: str, proto: np.ndarray) -> None:
+        if model is self.model:
+            self.index.upsert(scene_id, name, proto)
+
+    def _get(self, session: Session, name: str) -> Scene:
+        scene = repo.get_scene(session, name=name)
+        if scene is None:
+            raise SceneNotFound(f"scene {name!r} does not exist", scene=name)
+        return scene
+
+    def _session(self) -> Session:
+        return self.sessions()
+
+    @staticmethod
+    def _commit(session: Session) -> None:
+        try:
+            session.commit()
+        except OperationalError as exc:
+            session.rollback()
+            message = str(exc.orig) if exc.orig is not None else str(exc)
+            if "locked" in message or "busy" in message:
+                raise DatabaseBusy("the database stayed locked by another writer; retry shortly") from exc
+            raise StorageUnavailable(f"the database cannot be written: {message}") from exc
+

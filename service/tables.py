@@ -1,0 +1,66 @@
+"""The database schema (SQLAlchemy 2). Created and changed only by Alembic migrations.
+
+The database is the truth: scenes, their clips (the audio itself lives content-addressed in the clip
+store), and embeddings and prototypes per model version, so a model change can re-embed from audio.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from sqlalchemy import DateTime, ForeignKey, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Scene(Base):
+    __tablename__ = "scenes"
+    __table_args__ = (UniqueConstraint("name", name="uq_scenes_name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+    clips: Mapped[list[Clip]] = relationship(back_populates="scene", cascade="all, delete-orphan",
+                                             passive_deletes=True, order_by="Clip.id")
+
+
+class Clip(Base):
+    __tablename__ = "clips"
+    __table_args__ = (UniqueConstraint("scene_id", "sha256", name="uq_clips_scene_sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    scene_id: Mapped[int] = mapped_column(ForeignKey("scenes.id", ondelete="CASCADE"), index=True, nullable=False)
+    sha256: Mapped[str] = mapped_column(String(64), index=True, nullable=False)
+    # The client's file name, for display only (never used as a path); truncated and cleaned.
+    filename: Mapped[str] = mapped_column(String(255), nullable=False)
+    byte_size: Mapped[int] = mapped_column(Integer, nullable=False)
+    duration_s: Mapped[float] = mapped_column(nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+    scene: Mapped[Scene] = relationship(back_populates="clips")
+
+
+class ClipEmbedding(Base):
+    __tablename__ = "clip_embeddings"
+
+    clip_id: Mapped[int] = mapped_column(ForeignKey("clips.id", ondelete="CASCADE"), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(128), primary_key=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # float32, embedding_dim values
+
+
+class Prototype(Base):
+    __tablename__ = "prototypes"
+
+    scene_id: Mapped[int] = mapped_column(ForeignKey("scenes.id", ondelete="CASCADE"), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(128), primary_key=True, index=True)
+    vector: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # float32, unit length
+    n_clips: Mapped[int] = mapped_column(Integer, nullable=False)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)

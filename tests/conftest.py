@@ -1,0 +1,69 @@
+"""Shared fixtures: a tiny encoder bundle made on the fly, app clients on a temporary data dir."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+
+from sceneprint.bundle import save_bundle
+from sceneprint.cpmobile import preset
+from sceneprint.encoder import Encoder, WindowConfig
+from sceneprint.frontend import LogMelConfig
+from sceneprint.service.app import create_app
+from sceneprint.service.settings import Settings
+from tests import audio_factory as af
+
+
+def make_bundle(directory: Path, *, model_version: str = "test-tiny-v1", seed: int = 0, **network: Any) -> Path:
+    """Save a freshly initialised 6K encoder as a bundle (fast; for tests that need no trained model)."""
+    torch.manual_seed(seed)
+    config = preset("cpmobile_6k")
+    if network:
+        from dataclasses import replace
+
+        config = replace(config, **network)
+    encoder = Encoder(LogMelConfig(), config, WindowConfig()).eval()
+    save_bundle(directory, encoder, model_version=model_version, training={"recipe": "none (random init)"},
+                evaluation={})
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_bundle(tmp_path_factory.mktemp("bundles") / "tiny")
+
+
+ClientFactory = Callable[..., AbstractContextManager[TestClient]]
+
+
+@pytest.fixture
+def client_factory(tmp_path: Path, tiny_bundle: Path) -> ClientFactory:
+    """``with client_factory(**settings) as client``: an app on ``tmp_path/data``, lifespan run."""
+
+    @contextmanager
+    def factory(**overrides: Any) -> Iterator[TestClient]:
+        values: dict[str, Any] = {"data_dir": tmp_path / "data", "model_path": tiny_bundle, "min_clip_seconds": 0.5,
+                                  "max_clip_seconds": 30.0}
+        values.update(overrides)
+        app = create_app(Settings(**values))
+        with TestClient(app, raise_server_exceptions=False) as client:
+            yield client
+
+    return factory
+
+
+@pytest.fixture
+def client(client_factory: ClientFactory) -> Iterator[TestClient]:
+    with client_factory() as c:
+        yield c
+
+
+def clip_files(kind: str = "hum", n: int = 5, seed: int = 0, seconds: float = 2.0) -> list[tuple[str, tuple[str, bytes, str]]]:
+    """Multipart ``files`` entries of ``n`` distinct synthetic clips."""
+    return [("files", (f"{kind}-{i}.wav", af.wav(af.scene_clip(kind, seed + i, seconds)), "audio/wav")) for i in range(n)]

@@ -1,0 +1,1 @@
+"""Training pipeline: data loading and caching, the supervised recipe, few-shot evaluation, export."""

@@ -1,0 +1,109 @@
+"""Few-shot evaluation: N-way K-shot episodes with supports and queries from different recordings.
+
+Each episode picks ``n_way`` classes; for each, ``k_shot`` support clips are drawn from a random set
+of recordings, and queries only from that class's other recordings. A query is assigned to the
+nearest prototype (``sceneprint.prototypes``), the same rule the service applies.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from sceneprint.prototypes import l2_normalize, prototype
+
+
+@dataclass(frozen=True)
+class FewShotResult:
+    n_way: int
+    k_shot: int
+    episodes: int
+    queries_per_class: int
+    accuracy: float  # mean over episodes
+    ci95: float  # half-width of the 95% confidence interval over episodes
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {"n_way": self.n_way, "k_shot": self.k_shot, "episodes": self.episodes,
+                "queries_per_class": self.queries_per_class, "accuracy": round(self.accuracy, 4),
+                "ci95": round(self.ci95, 4)}
+
+
+def sample_episode(
+    labels: Sequence[str], sources: Sequence[str], rng: np.random.Generator, *, n_way: int, k_shot: int,
+    queries_per_class: int,
+) -> list[tuple[str, list[int], list[int]]]:
+    """One episode: for each of ``n_way`` classes, (class, support indices, query indices).
+
+    Supports come from whole recordings drawn at random until ``k_shot`` clips are collected; queries
+    are drawn from the class's clips of other recordings only.
+    """
+    by_class: dict[str, dict[str, list[int]]] = defaultdict(lambda: defaultdict(list))
+    for i, (label, source) in enumerate(zip(labels, sources, strict=True)):
+        by_class[label][source].append(i)
+    classes = sorted(by_class)
+    if len(classes) < n_way:
+        raise ValueError(f"{len(classes)} classes, fewer than n_way={n_way}")
+    episode = []
+    for label in rng.choice(classes, size=n_way, replace=False):
+        recordings = list(by_class[label].items())
+        order = rng.permutation(len(recordings))
+        support: list[int] = []
+        used = 0
+        while len(support) < k_shot and used < len(order):
+            support.extend(recordings[order[used]][1])
+            used += 1
+        support = [int(i) for i in rng.permutation(support)[:k_shot]]
+        pool = [i for j in order[used:] for i in recordings[j][1]]
+        if len(support) < k_shot or not pool:
+            raise ValueError(f"class {label!r} has too few recordings for {k_shot}-shot episodes")
+        query = [int(i) for i in rng.choice(pool, size=min(queries_per_class, len(pool)), replace=False)]
+        episode.append((str(label), support, query))
+    return episode
+
+
+def evaluate(
+    embeddings: np.ndarray, labels: Sequence[str], sources: Sequence[str], *, n_way: int = 5, k_shot: int = 5,
+    queries_per_class: int = 15, episodes: int = 1000, seed: int = 0,
+) -> FewShotResult:
+    """Mean accuracy over random episodes of nearest-prototype classification.
+
+    Args:
+        embeddings: (N, D) clip embeddings (normalised here).
+        labels: Class of each clip.
+        sources: Recording id of each clip (supports and queries never share one).
+        n_way: Classes per episode.
+        k_shot: Support clips per class.
+        queries_per_class: Queries per class per episode (fewer where a class has fewer clips left).
+        episodes: Number of episodes.
+        seed: Seed of the episode sampler, so different models meet the same episodes.
+
+    Returns:
+        Accuracy with a 95% confidence interval.
+    """
+    emb = l2_normalize(embeddings)
+    rng = np.random.default_rng(seed)
+    accs = []
+    for _ in range(episodes):
+        episode = sample_episode(labels, sources, rng, n_way=n_way, k_shot=k_shot,
+                                 queries_per_class=queries_per_class)
+        protos = np.stack([prototype(emb[s]) for _, s, _ in episode])  # (n_way, D)
+        correct = total = 0
+        for cls_idx, (_, _, query) in enumerate(episode):
+            pred = (emb[query] @ protos.T).argmax(axis=1)
+            correct += int((pred == cls_idx).sum())
+            total += len(query)
+        accs.append(correct / total)
+    a = np.asarray(accs)
+    return FewShotResult(n_way=n_way, k_shot=k_shot, episodes=episodes, queries_per_class=queries_per_class,
+                         accuracy=float(a.mean()), ci95=float(1.96 * a.std(ddof=1) / math.sqrt(len(a))))
+
+
+def logmel_statistics(logmels: np.ndarray) -> np.ndarray:
+    """The baseline embedding: per-band mean and std of a clip's log-mel (N, F, T) -> (N, 2F), standardised."""
+    x = logmels.astype(np.float32)
+    feats = np.concatenate([x.mean(axis=2), x.std(axis=2)], axis=1)
+    return (feats - feats.mean(axis=0)) / (feats.std(axis=0) + 1e-6)

@@ -1,0 +1,20 @@
+"""Classifier heads used only in training (the bundle holds the encoder alone)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class CosineClassifier(nn.Module):
+    """Logits = scale * cos(embedding, class weight): trains the embedding for cosine scoring."""
+
+    def __init__(self, dim: int, n_classes: int, scale: float = 16.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_classes, dim) * 0.01)
+        self.scale = scale
+
+    def forward(self, embedding: torch.Tensor) -> torch.Tensor:
+        # (B, D) x (C, D) -> (B, C)
+        return self.scale * F.normalize(embedding, dim=-1) @ F.normalize(self.weight, dim=-1).T
