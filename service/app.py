@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from sceneprint.service.body_limits import BodyLimitMiddleware
 from sceneprint.service.clipstore import ClipStore
 from sceneprint.service.db import make_engine, make_session_factory
-from sceneprint.service.errors import PROBLEM_JSON, SceneprintError, problem
+from sceneprint.service.errors import PROBLEM_JSON, SceneprintError, from_database_error, problem
 from sceneprint.service.index import SceneIndex
 from sceneprint.service.migrate import upgrade
 from sceneprint.service.routes import classify, health, scenes
@@ -35,7 +35,7 @@ def build_scene_service(settings: Settings) -> SceneService:
     url = settings.resolved_database_url
     upgrade(url)
     encoder, manifest = load_bundle(settings.model_path)
-    engine = make_engine(url)
+    engine = make_engine(url, busy_timeout_s=settings.db_busy_timeout_s)
     service = SceneService(
         sessions=make_session_factory(engine), store=ClipStore(settings.clip_dir),
         index=SceneIndex(manifest.embedding_dim), model=LoadedModel(encoder, manifest),
@@ -103,7 +103,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(OperationalError)
     async def database_error(request: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database error on %s: %s", request.url.path, exc)
-        return _problem_response(request, 503, "database_unavailable", "Database unavailable",
-                                 "the database cannot be reached or is busy; retry shortly")
+        error = from_database_error(str(exc.orig) if exc.orig is not None else str(exc))
+        return _problem_response(request, error.status, error.code, error.title, error.detail)
 
 

@@ -64,6 +64,10 @@ class DatabaseBusy(SceneprintError):
     status, code, title = 503, "database_busy", "Database busy"
 
 
+class DatabaseUnavailable(SceneprintError):
+    status, code, title = 503, "database_unavailable", "Database unavailable"
+
+
 class NotReady(SceneprintError):
     status, code, title = 503, "not_ready", "Service not ready"
 
@@ -77,3 +81,13 @@ def problem(status: int, code: str, title: str, detail: str, instance: str | Non
         body["instance"] = instance
     body.update(extra)
     return body
+
+
+def from_database_error(message: str) -> SceneprintError:
+    """The API error for a database failure, from the driver's message."""
+    text = message.lower()
+    if "locked" in text or "busy" in text:
+        return DatabaseBusy("the database stayed locked by another writer; retry shortly")
+    if "readonly" in text or "read-only" in text or "disk" in text or "full" in text:
+        return StorageUnavailable(f"the database cannot be written: {message}")
+    return DatabaseUnavailable("the database cannot be reached; retry shortly")

@@ -17,7 +17,6 @@ from sceneprint.service import repository as repo
 from sceneprint.service.clipstore import ClipStore, content_hash
 from sceneprint.service.errors import (
     ClipRejected,
-    DatabaseBusy,
     DuplicateClips,
     InvalidSceneName,
     SceneExists,
@@ -28,7 +27,7 @@ from sceneprint.service.errors import (
 )
 from sceneprint.service.index import SceneIndex
 from sceneprint.service.tables import Scene
-from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 
 from sceneprint.audio import AudioError, ClipLimits, DecodedClip, decode_clip
@@ -37,6 +36,9 @@ from sceneprint.encoder import Encoder
 from sceneprint.prototypes import Decision, decide, prototype
 
 SCENE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
+# Stored clips passed the limits in force when they were enrolled; re-embedding must not refuse them
+# because the limits changed since.
+STORED_CLIP_LIMITS = ClipLimits(min_seconds=0.0, max_seconds=24 * 3600.0)
 
 
 def check_scene_name(name: str) -> str:
@@ -157,7 +159,7 @@ class SceneService:
                     repo.put_clip_embedding(session, clip_id=row.id, model_version=model.version, vector=emb)
                 repo.put_prototype(session, scene_id=scene.id, model_version=model.version, vector=proto,
                                    n_clips=len(uploads))
-                self._commit(session)
+                session.commit()
                 scene_id, created_at = scene.id, scene.created_at
         self._index_if_current(model, scene_id, name, proto)
         return SceneInfo(name=name, clips=len(uploads), model_version=model.version, created_at=created_at)
@@ -188,7 +190,7 @@ class SceneService:
                 repo.put_prototype(session, scene_id=scene.id, model_version=model.version, vector=proto,
                                    n_clips=len(all_embeddings))
                 try:
-                    self._commit(session)
+                    session.commit()
                 except IntegrityError:
                     raise DuplicateClips("a clip in this request was added to the scene concurrently") from None
                 info = SceneInfo(name=name, clips=len(all_embeddings), model_version=model.version,
@@ -219,7 +221,7 @@ class SceneService:
                 scene = self._get(session, name)
                 scene_id = scene.id
                 hashes = repo.delete_scene(session, scene=scene)
-                self._commit(session)
+                session.commit()
             self.index.remove(scene_id)
             with self._session() as session:
                 still_used = repo.referenced_hashes(session, among=hashes)
@@ -281,7 +283,7 @@ class SceneService:
         embeddings = []
         for clip in clips:
             decoded = decode_clip(self.store.read(clip.sha256), sample_rate=model.encoder.sample_rate,
-                                  limits=ClipLimits(min_seconds=0.0, max_seconds=float("inf")))
+                                  limits=STORED_CLIP_LIMITS)
             emb = self._embed(model, decoded)
             repo.put_clip_embedding(session, clip_id=clip.id, model_version=model.version, vector=emb)
             embeddings.append(emb)
@@ -301,14 +303,4 @@ class SceneService:
     def _session(self) -> Session:
         return self.sessions()
 
-    @staticmethod
-    def _commit(session: Session) -> None:
-        try:
-            session.commit()
-        except OperationalError as exc:
-            session.rollback()
-            message = str(exc.orig) if exc.orig is not None else str(exc)
-            if "locked" in message or "busy" in message:
-                raise DatabaseBusy("the database stayed locked by another writer; retry shortly") from exc
-            raise StorageUnavailable(f"the database cannot be written: {message}") from exc
 

@@ -37,6 +37,8 @@ class Settings(BaseSettings):
     upload_read_timeout_s: float = Field(default=30.0, gt=0,
                                          description="A request body that stalls this long is dropped (408).")
     torch_threads: int = Field(default=1, ge=1, description="Intra-op threads per inference call.")
+    db_busy_timeout_s: float = Field(default=5.0, gt=0, description="How long a write waits on a locked SQLite "
+                                                                    "database before failing with 503.")
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:

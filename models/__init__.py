@@ -1,0 +1,1 @@
+"""Encoder bundles shipped with Sceneprint (the bundled default lives in sceneprint-default/)."""
