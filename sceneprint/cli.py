@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from sceneprint.service.settings import Settings
 
 app = typer.Typer(help="Sceneprint: few-shot acoustic scene enrollment and classification.", no_args_is_help=True)
 
@@ -15,15 +17,14 @@ DataDir = Annotated[Path | None, typer.Option(help="Data directory (database, cl
                                                    "Default: $SCENEPRINT_DATA_DIR or ./data")]
 
 
-def _settings(data_dir: Path | None, model: Path | None = None):  # type: ignore[no-untyped-def]
-    from sceneprint.service.settings import Settings
-
-    overrides: dict[str, object] = {}
+def _settings(data_dir: Path | None, model: Path | None = None) -> Settings:
+    """Settings from the environment, with the command line's options on top."""
+    overrides: dict[str, Any] = {}
     if data_dir is not None:
         overrides["data_dir"] = data_dir
     if model is not None:
         overrides["model_path"] = model
-    return Settings(**overrides)  # type: ignore[arg-type]
+    return Settings(**overrides)
 
 
 @app.command()

@@ -38,13 +38,13 @@ class SceneIndex:
     def upsert(self, scene_id: int, name: str, prototype: np.ndarray) -> None:
         ids = np.array([scene_id], dtype=np.int64)
         with self._lock:
-            self._index.remove_ids(ids)
+            self._index.remove_ids(ids)  # type: ignore[arg-type]  # the wrapper takes id arrays
             self._index.add_with_ids(prototype.reshape(1, -1).astype(np.float32), ids)
             self._names[scene_id] = name
 
     def remove(self, scene_id: int) -> None:
         with self._lock:
-            self._index.remove_ids(np.array([scene_id], dtype=np.int64))
+            self._index.remove_ids(np.array([scene_id], dtype=np.int64))  # type: ignore[arg-type]
             self._names.pop(scene_id, None)
 
     def search(self, query: np.ndarray, k: int) -> list[Match]:

@@ -27,7 +27,8 @@ def noise(seconds: float = 2.0, rate: int = RATE, amp: float = 0.1, seed: int = 
     return (amp * rng(seed).standard_normal(int(seconds * rate))).astype(np.float32)
 
 
-def chirp(f0: float = 200.0, f1: float = 8000.0, seconds: float = 2.0, rate: int = RATE, amp: float = 0.3) -> np.ndarray:
+def chirp(f0: float = 200.0, f1: float = 8000.0, seconds: float = 2.0, rate: int = RATE,
+          amp: float = 0.3) -> np.ndarray:
     t = np.arange(int(seconds * rate)) / rate
     phase = 2 * np.pi * (f0 * t + (f1 - f0) * t**2 / (2 * seconds))
     return (amp * np.sin(phase)).astype(np.float32)

@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
+from sceneprint.service.app import create_app
+from sceneprint.service.settings import Settings
 
 from sceneprint.bundle import save_bundle
 from sceneprint.cpmobile import preset
 from sceneprint.encoder import Encoder, WindowConfig
 from sceneprint.frontend import LogMelConfig
-from sceneprint.service.app import create_app
-from sceneprint.service.settings import Settings
 from tests import audio_factory as af
 
 
@@ -64,6 +64,10 @@ def client(client_factory: ClientFactory) -> Iterator[TestClient]:
         yield c
 
 
-def clip_files(kind: str = "hum", n: int = 5, seed: int = 0, seconds: float = 2.0) -> list[tuple[str, tuple[str, bytes, str]]]:
+FileField = tuple[str, tuple[str, bytes, str]]
+
+
+def clip_files(kind: str = "hum", n: int = 5, seed: int = 0, seconds: float = 2.0) -> list[FileField]:
     """Multipart ``files`` entries of ``n`` distinct synthetic clips."""
-    return [("files", (f"{kind}-{i}.wav", af.wav(af.scene_clip(kind, seed + i, seconds)), "audio/wav")) for i in range(n)]
+    return [("files", (f"{kind}-{i}.wav", af.wav(af.scene_clip(kind, seed + i, seconds)), "audio/wav"))
+            for i in range(n)]

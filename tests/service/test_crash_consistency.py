@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from sceneprint.service import repository
 from sceneprint.service.scenes import SceneService
+
 from tests import audio_factory as af
 from tests.conftest import ClientFactory, clip_files
 
@@ -53,13 +53,12 @@ def test_crash_after_audio_is_written_but_before_commit(client_factory: ClientFa
 
 def test_crash_after_commit_but_before_the_index_update(client_factory: ClientFactory, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    with client_factory() as client:
-        with monkeypatch.context() as m:
-            def crash(*_a: object, **_k: object) -> None:
-                raise Crash
+    with client_factory() as client, monkeypatch.context() as m:
+        def crash(*_a: object, **_k: object) -> None:
+            raise Crash
 
-            m.setattr(SceneService, "_index_if_current", crash)
-            assert client.post("/scenes/second/enroll", files=clip_files()).status_code == 500
+        m.setattr(SceneService, "_index_if_current", crash)
+        assert client.post("/scenes/second/enroll", files=clip_files()).status_code == 500
     with client_factory() as client:
         assert_consistent(client, tmp_path / "data", ["second"])
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import uvicorn
-
 from sceneprint.service.app import create_app
 from sceneprint.service.settings import Settings
+
 from tests import audio_factory as af
 
 
@@ -61,8 +61,8 @@ def read_response(sock: socket.socket) -> tuple[int, dict]:
         data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     status = int(head.split(b" ")[1])
-    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")),
-                  None)
+    lengths = [int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")]
+    length = lengths[0] if lengths else None
     while length is not None and len(body) < length:
         chunk = sock.recv(65536)
         if not chunk:

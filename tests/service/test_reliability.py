@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-
 from sceneprint.service.clipstore import ClipStore
+
 from tests import audio_factory as af
 from tests.conftest import ClientFactory, clip_files
 
@@ -63,7 +63,7 @@ BAD_CLIPS = {
 @pytest.mark.parametrize("case", sorted(BAD_CLIPS))
 def test_one_bad_clip_among_five_is_named_and_nothing_is_stored(case: str, client: TestClient, tmp_path: Path) -> None:
     code = case.split(":")[0]
-    files = clip_files(n=4) + [("files", ("broken.wav", BAD_CLIPS[case], "audio/wav"))]
+    files = [*clip_files(n=4), ("files", ("broken.wav", BAD_CLIPS[case], "audio/wav"))]
     body = problem_of(client.post("/scenes/kitchen/enroll", files=files), 422, code)
     assert body["file"] == "broken.wav" and "broken.wav" in body["detail"]
     assert_nothing_stored(client, tmp_path / "data")
@@ -143,7 +143,7 @@ def test_missing_field_malformed_body_and_wrong_content_type_are_4xx(client: Tes
 
 @pytest.mark.parametrize("filename", ["../../etc/passwd", "a\x00b.wav", "x" * 1_000 + ".wav", "звук 🎵.wav"])
 def test_client_file_names_are_never_paths(filename: str, client: TestClient, tmp_path: Path) -> None:
-    files = clip_files(n=4) + [("files", (filename, GOOD, "audio/wav"))]
+    files = [*clip_files(n=4), ("files", (filename, GOOD, "audio/wav"))]
     assert client.post("/scenes/kitchen/enroll", files=files).status_code == 201
     names = {p.name for p in (tmp_path / "data" / "clips").glob("??/*")}
     assert len(names) == 5 and all(len(n) == 64 for n in names)
@@ -152,7 +152,7 @@ def test_client_file_names_are_never_paths(filename: str, client: TestClient, tm
 
 def test_a_10000_character_file_name_is_a_clean_400_and_nothing_is_stored(client: TestClient, tmp_path: Path) -> None:
     # The multipart parser bounds part headers; such a request is malformed, never a 500.
-    files = clip_files(n=4) + [("files", ("x" * 10_000 + ".wav", GOOD, "audio/wav"))]
+    files = [*clip_files(n=4), ("files", ("x" * 10000 + ".wav", GOOD, "audio/wav"))]
     problem_of(client.post("/scenes/kitchen/enroll", files=files), 400, "malformed_request")
     assert_nothing_stored(client, tmp_path / "data")
 
