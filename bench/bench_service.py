@@ -669,30 +669,37 @@ def mb(value: float | None) -> str:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None,
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     p.add_argument("--bundle", type=Path, default=None,
                    help="Encoder bundle directory (default: the service's default bundle).")
     p.add_argument("--requests", type=int, default=200,
-                   help="Classify requests per measurement (raw passes, each HTTP concurrency level, each scale side).")
-    p.add_argument("--clients", type=int, default=4, help="Concurrent clients for the concurrent run.")
-    p.add_argument("--scale", type=int, default=100_000, help="Scenes in the large scale database (0: skip scale).")
+                   help="Classify requests per measurement: each raw pass, each HTTP concurrency level, "
+                        "each scale side (default: %(default)s).")
+    p.add_argument("--clients", type=int, default=4,
+                   help="Concurrent clients for the concurrent run (default: %(default)s).")
+    p.add_argument("--scale", type=int, default=100_000,
+                   help="Scenes in the large scale database; 0 skips the scale runs (default: %(default)s).")
     p.add_argument("--scenes", type=int, default=10,
-                   help="Scenes enrolled over HTTP before the classify runs (their enroll latencies are reported).")
+                   help="Scenes enrolled over HTTP before the classify runs; their enroll latencies are "
+                        "reported (default: %(default)s).")
     p.add_argument("--distinct-queries", type=int, default=50,
-                   help="Distinct query clips; request k sends clip k mod this.")
-    p.add_argument("--warmup", type=int, default=5, help="Untimed requests before each measurement.")
+                   help="Distinct query clips; request k sends clip k mod this (default: %(default)s).")
+    p.add_argument("--warmup", type=int, default=5,
+                   help="Untimed requests before each measurement (default: %(default)s).")
     p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch intra-op threads, in this process and in the server (SCENEPRINT_TORCH_THREADS); "
-                        "default: the service's torch_threads setting.")
-    p.add_argument("--clip-seconds", type=float, default=5.0, help="Length of the synthetic clips.")
+                   help="torch intra-op threads, in this process and in the server (SCENEPRINT_TORCH_THREADS) "
+                        "(default: the service's torch_threads setting).")
+    p.add_argument("--clip-seconds", type=float, default=5.0,
+                   help="Length of the synthetic clips (default: %(default)s).")
     p.add_argument("--clip-rate", type=int, default=32_000,
-                   help="Sample rate of the synthetic clips (not the encoder's rate: the decoder resamples).")
+                   help="Sample rate of the synthetic clips; the decoder resamples to the encoder's rate "
+                        "(default: %(default)s).")
     p.add_argument("--dev-data", nargs="?", const="", default=None, metavar="DIR",
-                   help=f"Use real clips from a sceneprint-dev folder (meta.csv, audio/*.ogg), read in place; "
-                        f"DIR defaults to ${DEV_DATA_ENV}.")
-    p.add_argument("--startup-timeout", type=float, default=600.0, help="Seconds to wait for a server's /readyz.")
-    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="Write every figure as JSON here.")
+                   help=f"Use real clips from a sceneprint-dev folder (meta.csv, audio/*.ogg), read in place "
+                        f"(DIR default: ${DEV_DATA_ENV}).")
+    p.add_argument("--startup-timeout", type=float, default=600.0,
+                   help="Seconds to wait for a server's /readyz (default: %(default)s).")
+    p.add_argument("--json", type=Path, default=None, metavar="OUT", help="Write every figure as JSON to OUT.")
     args = p.parse_args(argv)
     if args.bundle is None:
         args.bundle = default_bundle()
@@ -865,6 +872,19 @@ def run_all(args: argparse.Namespace, bundle: Path, encoder: Encoder, manifest: 
     results["memory"] = {"main_server_peak_rss_mb": peak_main}
 
     targets = [
+        Target("raw decode+embed (clips/s)", raw_rate, "", None, note="mean of the passes before and after HTTP"),
+        Target("raw embed only (clips/s)",
+               (raw_before.embed_only_clips_per_s + raw_after.embed_only_clips_per_s) / 2, "", None),
+        Target("HTTP classify, 1 client (req/s)", sequential.throughput_rps, "", None),
+        Target("HTTP classify, 1 client p50 (ms)", sequential.latency.p50_ms, "", None),
+        Target("HTTP classify, 1 client p99 (ms)", sequential.latency.p99_ms, "", None),
+        Target(f"HTTP classify, {args.clients} clients (req/s)", concurrent.throughput_rps, "", None),
+        Target(f"HTTP classify, {args.clients} clients p50 (ms)", concurrent.latency.p50_ms, "", None),
+        Target(f"HTTP classify, {args.clients} clients p99 (ms)", concurrent.latency.p99_ms, "", None),
+        Target(f"enroll, {CLIPS_PER_ENROLLMENT} clips, p50 (ms)", enroll_lat.p50_ms, "", None,
+               note=f"median over {len(enroll_s)} enrollments of new scene names"),
+        Target("embed share of a classify request", paired.embed_share, "", None,
+               note=f"paired pass; decode share {paired.decode_share:.3f}, the rest {paired.rest_share:.3f}"),
         Target("HTTP/raw throughput, 1 client", ratio_seq, ">=", TARGET_HTTP_RAW_RATIO,
                note="sequential requests/s over raw decode+embed clips/s (one stream each: like for like)"),
         Target(f"HTTP/raw throughput, {args.clients} clients", ratio_con, ">=", TARGET_HTTP_RAW_RATIO,
@@ -922,6 +942,8 @@ def run_scale(args: argparse.Namespace, bundle: Path, manifest: Manifest, sequen
     results["scale"] = {"sides": [asdict(s) for s in sides], "p50_ratio": p50_ratio, "mean_ratio": mean_ratio,
                         "p99_ratio": p99_ratio}
     return [
+        Target(f"classify p50 (ms), {SCALE_BASELINE_SCENES} scenes", small.latency.p50_ms, "", None),
+        Target(f"classify p50 (ms), {args.scale} scenes", large.latency.p50_ms, "", None),
         Target(f"classify p50, {args.scale} / {SCALE_BASELINE_SCENES} scenes", p50_ratio, "<=", TARGET_SCALE_SLOWDOWN,
                note=f"sequential, interleaved requests to both servers; p99 ratio {p99_ratio:.3f} (informative)"),
         Target(f"server peak RSS with {args.scale} scenes (MB)", large.peak_rss_mb, "<=", TARGET_PEAK_RSS_MB),

@@ -1,0 +1,79 @@
+"""Write a bundle's REPORT.md from its manifest, so every figure in it is the one the bundle carries.
+
+    python -m sceneprint.training.report models/sceneprint-default
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from sceneprint.bundle import read_manifest
+
+
+def _pct(result: dict[str, Any]) -> str:
+    return f"{100 * result['accuracy']:.1f}% ± {100 * result['ci95']:.1f}"
+
+
+def render(bundle: Path) -> str:
+    m = read_manifest(bundle)
+    t, e = m.training, m.evaluation
+    data = t.get("data", {})
+    fewshot = e.get("heldout_fewshot", {})
+    hop_ms = m.frontend.hop_length / m.sample_rate * 1000
+    lines = [
+        f"# {m.model_version}",
+        "",
+        f"Encoder bundle `{bundle.name}`: CP-Mobile, {m.network.norm} normalisation, {m.parameter_count:,} parameters, "
+        f"{m.macs_per_second / 1e6:.1f} M MACs per second of audio (network only), {m.embedding_dim}-d embedding, "
+        f"{m.sample_rate} Hz input, {m.frontend.n_mels} mel bands, {hop_ms:.0f} ms hop; audio longer than "
+        f"{m.window.window_seconds:g} s is embedded over windows {m.window.hop_seconds:g} s apart. Created "
+        f"{m.created_at}. This file is generated from `manifest.json` by `python -m sceneprint.training.report`.",
+        "",
+        "## Licence of the weights",
+        "",
+        "**Non-commercial use only.** " + t.get("licenses", {}).get("note", ""),
+        "",
+        f"Citation: {t.get('licenses', {}).get('citation', '')}",
+        "",
+        "## Training",
+        "",
+        f"- Recipe: {t.get('recipe', 'unknown')}.",
+        f"- Data: {data.get('dataset', '?')}, split `{data.get('split', '?')}`: {data.get('train_clips', '?')} "
+        f"training clips, {data.get('val_clips', '?')} validation clips (recordings disjoint from training).",
+        f"- Classes trained on ({len(data.get('classes', []))}): {', '.join(data.get('classes', []))}.",
+        f"- Held out, never seen in training ({len(data.get('heldout_classes_never_seen', []))}): "
+        f"{', '.join(data.get('heldout_classes_never_seen', []))}.",
+        "- Full configuration: `training.config` in `manifest.json`.",
+        "",
+        "## Evaluation",
+        "",
+        f"Protocol: {e.get('protocol', '')}.",
+        "",
+        "| task | accuracy (95% CI) | episodes |",
+        "|---|---|---|",
+    ]
+    for name, result in fewshot.items():
+        lines.append(f"| held-out classes, {name.replace('_', ' ')} | {_pct(result)} | {result['episodes']} |")
+    baseline = e.get("heldout_fewshot_logmel_stats_baseline_5way_5shot")
+    if baseline:
+        lines.append(f"| baseline: log-mel mean/std statistics, 5way 5shot | {_pct(baseline)} | "
+                     f"{baseline['episodes']} |")
+    if "closed_set_val_accuracy" in e:
+        lines.append(f"| closed set: {len(data.get('classes', []))} training classes, validation recordings "
+                     f"({e.get('closed_set_val_clips')} clips) | {100 * e['closed_set_val_accuracy']:.1f}% | - |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("bundle", type=Path)
+    args = parser.parse_args()
+    (args.bundle / "REPORT.md").write_text(render(args.bundle), encoding="utf-8")
+    print(f"wrote {args.bundle / 'REPORT.md'}")
+
+
+if __name__ == "__main__":
+    main()
