@@ -24,9 +24,10 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from sceneprint import __version__
-from sceneprint.bundle import load_bundle
+from sceneprint.bundle import Manifest, load_bundle
 
 log = logging.getLogger("sceneprint.service")
+DEFAULT_UNKNOWN_THRESHOLD = 0.5
 
 
 def build_scene_service(settings: Settings) -> SceneService:
@@ -40,12 +41,21 @@ def build_scene_service(settings: Settings) -> SceneService:
         sessions=make_session_factory(engine), store=ClipStore(settings.clip_dir),
         index=SceneIndex(manifest.embedding_dim), model=LoadedModel(encoder, manifest),
         limits=settings.clip_limits, max_upload_bytes=settings.max_upload_bytes,
-        clips_per_enrollment=settings.clips_per_enrollment, unknown_threshold=settings.unknown_threshold,
+        clips_per_enrollment=settings.clips_per_enrollment, unknown_threshold=unknown_threshold(settings, manifest),
         torch_threads=settings.torch_threads,
     )
     report = service.start()
-    log.info("model %s loaded; %s", manifest.model_version, report)
+    log.info("model %s loaded, unknown threshold %.3f; %s", manifest.model_version, service.unknown_threshold,
+             report)
     return service
+
+
+def unknown_threshold(settings: Settings, manifest: Manifest) -> float:
+    """The configured threshold, else the one calibrated on held-out classes and stored in the bundle."""
+    if settings.unknown_threshold is not None:
+        return settings.unknown_threshold
+    calibrated = manifest.evaluation.get("heldout_open_set_5way_5shot", {}).get("threshold")
+    return float(calibrated) if calibrated is not None else DEFAULT_UNKNOWN_THRESHOLD
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -7,11 +7,50 @@ start-up and updated after each commit. Prototypes are unit vectors, so inner pr
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import faiss
 import numpy as np
 
 from sceneprint.prototypes import Match
+
+# One search is a single 128-d query: intra-query threads only add overhead, and concurrent requests
+# already use the cores. (Left unset, FAISS follows whatever OpenMP thread count torch last set.)
+faiss.omp_set_num_threads(1)
+
+
+class ReadWriteLock:
+    """Many concurrent readers (FAISS search is thread-safe) or one writer (add/remove are not)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writing = False
+
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing)
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                self._cond.notify_all()
+
+    @contextmanager
+    def writing(self) -> Iterator[None]:
+        with self._cond:
+            self._cond.wait_for(lambda: not self._writing and self._readers == 0)
+            self._writing = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writing = False
+                self._cond.notify_all()
 
 
 class SceneIndex:
@@ -19,8 +58,7 @@ class SceneIndex:
         self.dim = dim
         self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
         self._names: dict[int, str] = {}
-        # FAISS mutation is not safe against concurrent search.
-        self._lock = threading.Lock()
+        self._lock = ReadWriteLock()
 
     def __len__(self) -> int:
         return len(self._names)
@@ -31,25 +69,25 @@ class SceneIndex:
         if rows:
             vectors = np.stack([v for _, _, v in rows]).astype(np.float32)  # (M, D)
             index.add_with_ids(vectors, np.array([i for i, _, _ in rows], dtype=np.int64))
-        with self._lock:
+        with self._lock.writing():
             self._index = index
             self._names = {i: name for i, name, _ in rows}
 
     def upsert(self, scene_id: int, name: str, prototype: np.ndarray) -> None:
         ids = np.array([scene_id], dtype=np.int64)
-        with self._lock:
+        with self._lock.writing():
             self._index.remove_ids(ids)  # type: ignore[arg-type]  # the wrapper takes id arrays
             self._index.add_with_ids(prototype.reshape(1, -1).astype(np.float32), ids)
             self._names[scene_id] = name
 
     def remove(self, scene_id: int) -> None:
-        with self._lock:
+        with self._lock.writing():
             self._index.remove_ids(np.array([scene_id], dtype=np.int64))  # type: ignore[arg-type]
             self._names.pop(scene_id, None)
 
     def search(self, query: np.ndarray, k: int) -> list[Match]:
         """The ``k`` best scenes for a unit query vector, best first."""
-        with self._lock:
+        with self._lock.reading():
             k = min(k, len(self._names))
             if k == 0:
                 return []
@@ -58,5 +96,5 @@ class SceneIndex:
                     for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
 
     def ids(self) -> set[int]:
-        with self._lock:
+        with self._lock.reading():
             return set(self._names)

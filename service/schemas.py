@@ -41,6 +41,7 @@ class Readiness(BaseModel):
     status: str
     model_version: str | None = None
     scenes_indexed: int | None = None
+    unknown_threshold: float | None = None
 
 
 class Problem(BaseModel):

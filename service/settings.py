@@ -31,8 +31,10 @@ class Settings(BaseSettings):
     max_clip_seconds: float = Field(default=60.0, gt=0)
     max_upload_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="Per uploaded file.")
     clips_per_enrollment: int = Field(default=5, ge=1, le=50)
-    unknown_threshold: float = Field(default=0.5, ge=-1.0, le=1.0,
-                                     description="Best cosine score below this is reported as unknown.")
+    unknown_threshold: float | None = Field(
+        default=None, ge=-1.0, le=1.0,
+        description="Best cosine score below this is reported as unknown. Default: the threshold the bundle's "
+                    "open-set evaluation chose, else 0.5.")
     max_top_k: int = Field(default=100, ge=1)
     upload_read_timeout_s: float = Field(default=30.0, gt=0,
                                          description="A request body that stalls this long is dropped (408).")

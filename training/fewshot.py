@@ -107,3 +107,52 @@ def logmel_statistics(logmels: np.ndarray) -> np.ndarray:
     x = logmels.astype(np.float32)
     feats = np.concatenate([x.mean(axis=2), x.std(axis=2)], axis=1)
     return (feats - feats.mean(axis=0)) / (feats.std(axis=0) + 1e-6)
+
+
+@dataclass(frozen=True)
+class OpenSetResult:
+    n_way: int
+    k_shot: int
+    episodes: int
+    auroc: float  # known-vs-unknown separability of the best prototype score
+    threshold: float  # the score threshold with the best balanced accuracy
+    known_accepted: float  # share of enrolled-class queries at or above the threshold
+    unknown_rejected: float  # share of other-class queries below the threshold
+
+    def as_dict(self) -> dict[str, float | int]:
+        return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in self.__dict__.items()}
+
+
+def open_set(
+    embeddings: np.ndarray, labels: Sequence[str], sources: Sequence[str], *, n_way: int = 5, k_shot: int = 5,
+    queries_per_class: int = 15, episodes: int = 500, seed: int = 0,
+) -> OpenSetResult:
+    """How well the best prototype score tells enrolled scenes from scenes never enrolled.
+
+    Each episode enrolls ``n_way`` classes; queries come from those classes (known) and from
+    ``n_way`` other classes (unknown), never from a support recording. The threshold chosen is the one
+    that maximises balanced accuracy over all episodes: the service's unknown threshold.
+    """
+    emb = l2_normalize(embeddings)
+    rng = np.random.default_rng(seed)
+    known: list[float] = []
+    unknown: list[float] = []
+    for _ in range(episodes):
+        episode = sample_episode(labels, sources, rng, n_way=2 * n_way, k_shot=k_shot,
+                                 queries_per_class=queries_per_class)
+        enrolled, others = episode[:n_way], episode[n_way:]
+        protos = np.stack([prototype(emb[s]) for _, s, _ in enrolled])  # (n_way, D)
+        for group, out in ((enrolled, known), (others, unknown)):
+            for _, _, query in group:
+                out.extend((emb[query] @ protos.T).max(axis=1).tolist())
+    k, u = np.asarray(known), np.asarray(unknown)
+    candidates = np.unique(np.concatenate([k, u]))
+    balanced = [((k >= t).mean() + (u < t).mean()) / 2 for t in candidates]
+    best = float(candidates[int(np.argmax(balanced))])
+    # AUROC as the probability that a known query outscores an unknown one (ties count half).
+    order = np.argsort(np.concatenate([k, u]), kind="mergesort")
+    ranks = np.empty(len(order))
+    ranks[order] = np.arange(1, len(order) + 1)
+    auroc = (ranks[: len(k)].sum() - len(k) * (len(k) + 1) / 2) / (len(k) * len(u))
+    return OpenSetResult(n_way=n_way, k_shot=k_shot, episodes=episodes, auroc=float(auroc), threshold=best,
+                         known_accepted=float((k >= best).mean()), unknown_rejected=float((u < best).mean()))

@@ -63,6 +63,17 @@ def render(bundle: Path) -> str:
     if "closed_set_val_accuracy" in e:
         lines.append(f"| closed set: {len(data.get('classes', []))} training classes, validation recordings "
                      f"({e.get('closed_set_val_clips')} clips) | {100 * e['closed_set_val_accuracy']:.1f}% | - |")
+    open_set = e.get("heldout_open_set_5way_5shot")
+    if open_set:
+        lines += [
+            "",
+            f"Open set (5 scenes enrolled with 5 clips; queries from those and from 5 never-enrolled held-out classes; "
+            f"{open_set['episodes']} episodes): the best prototype score separates enrolled from never-enrolled "
+            f"scenes with AUROC {open_set['auroc']:.3f}. The service's default unknown threshold is the score with "
+            f"the best balanced accuracy, **{open_set['threshold']:.3f}**: it accepts "
+            f"{100 * open_set['known_accepted']:.1f}% of queries of enrolled scenes and reports "
+            f"{100 * open_set['unknown_rejected']:.1f}% of the others as unknown.",
+        ]
     lines.append("")
     return "\n".join(lines)
 

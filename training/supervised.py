@@ -22,15 +22,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sceneprint.training.data import (
-    ClipMeta,
-    cached_logmels,
-    decode_file,
-    dev_data_root,
-    load_meta,
-    load_split,
-)
-from sceneprint.training.fewshot import evaluate, logmel_statistics
+from sceneprint.training.data import ClipMeta, FewShotSplit, cached_logmels, dev_data_root, load_meta, load_split
+from sceneprint.training.evaluate import embed_clips, heldout_report
+from sceneprint.training.fewshot import evaluate
 from sceneprint.training.heads import CosineClassifier
 from tqdm import tqdm
 
@@ -214,7 +208,7 @@ def train(cfg: TrainConfig, out_dir: Path, export: Path | None) -> dict[str, Any
                    ckpt_path.with_suffix(".tmp"))
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
 
-    results = final_eval(encoder, head, root, meta, feats, labels, val_idx, held_idx, cfg)
+    results = final_eval(encoder, head, root, meta, labels, val_idx, split, cfg)
     results.update({"parameter_count": n_params, "macs_per_second": macs})
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     if export is not None:
@@ -236,36 +230,18 @@ def quick_eval(encoder: Encoder, head: CosineClassifier, feats: np.ndarray, labe
     return {"val_acc": float((val_pred == labels[val_idx]).mean()), "heldout_5w5s": fs.accuracy}
 
 
-def final_eval(encoder: Encoder, head: CosineClassifier, root: Path, meta: list[ClipMeta], feats: np.ndarray,
-               labels: np.ndarray, val_idx: np.ndarray, held_idx: np.ndarray, cfg: TrainConfig) -> dict[str, Any]:
-    """Closed-set accuracy on the validation recordings and few-shot accuracy on the held-out classes,
-    both from decoded audio through ``Encoder.embed_clip`` (the service's path)."""
-    encoder.eval()
+def final_eval(encoder: Encoder, head: CosineClassifier, root: Path, meta: list[ClipMeta], labels: np.ndarray,
+               val_idx: np.ndarray, split: FewShotSplit, cfg: TrainConfig) -> dict[str, Any]:
+    """Closed-set accuracy on the validation recordings, few-shot and open-set figures on the held-out
+    classes; all from decoded audio through ``Encoder.embed_clip`` (the service's path)."""
     head.eval()
-
-    def embed(idx: np.ndarray) -> np.ndarray:
-        return np.stack([encoder.embed_clip(decode_file(root, meta[i], encoder.sample_rate))
-                         for i in tqdm(idx, desc="embedding clips", leave=False)])
-
     with torch.inference_mode():
-        val_pred = head(torch.from_numpy(embed(val_idx))).argmax(1).numpy()
-    held_emb = embed(held_idx)
-    held_labels = [meta[i].label for i in held_idx]
-    held_sources = [meta[i].source_id for i in held_idx]
-    fewshot = {f"{n}way_{k}shot": evaluate(held_emb, held_labels, held_sources, n_way=n, k_shot=k,
-                                           episodes=cfg.final_episodes).as_dict()
-               for n, k in [(5, 5), (5, 1), (10, 5)]}
-    baseline = evaluate(logmel_statistics(feats[held_idx]), held_labels, held_sources,
-                        episodes=cfg.final_episodes).as_dict()
+        val_emb = torch.from_numpy(embed_clips(encoder, root, [meta[i] for i in val_idx]))
+        val_pred = head(val_emb).argmax(1).numpy()
     return {
         "closed_set_val_accuracy": round(float((val_pred == labels[val_idx]).mean()), 4),
         "closed_set_val_clips": len(val_idx),
-        "heldout_fewshot": fewshot,
-        "heldout_fewshot_logmel_stats_baseline_5way_5shot": baseline,
-        "protocol": ("episodes over the 10 held-out classes of splits/fewshot-v1.json; supports and queries from "
-                     "different recordings (source_id); 15 queries per class; nearest prototype by cosine; "
-                     "embeddings from decoded audio through Encoder.embed_clip, as the service computes them; "
-                     "mean accuracy with 95% CI over episodes (seed 0)"),
+        **heldout_report(encoder, root, meta, split, episodes=cfg.final_episodes, cache_dir=Path(cfg.data.cache_dir)),
     }
 
 

@@ -24,7 +24,8 @@ async def readyz(request: Request) -> Any:
     scenes = getattr(request.app.state, "scenes", None)
     if scenes is None:
         return JSONResponse(status_code=503, content=Readiness(status="loading").model_dump())
-    return Readiness(status="ready", model_version=scenes.model.version, scenes_indexed=len(scenes.index))
+    return Readiness(status="ready", model_version=scenes.model.version, scenes_indexed=len(scenes.index),
+                     unknown_threshold=scenes.unknown_threshold)
 
 
 @router.get("/model")

@@ -1,0 +1,58 @@
+"""The FAISS scene index."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+from sceneprint.service.index import SceneIndex
+
+from sceneprint.prototypes import l2_normalize
+
+
+def unit(*values: float) -> np.ndarray:
+    return l2_normalize(np.array(values, dtype=np.float32))
+
+
+def test_search_ranks_by_cosine_and_caps_k() -> None:
+    index = SceneIndex(2)
+    index.rebuild([(1, "east", unit(1, 0)), (2, "north", unit(0, 1)), (3, "northeast", unit(1, 1))])
+    matches = index.search(unit(1, 0.1), k=10)
+    assert [m.scene for m in matches] == ["east", "northeast", "north"]
+    assert matches[0].score == np.float32(unit(1, 0.1) @ unit(1, 0))
+
+
+def test_upsert_replaces_and_remove_deletes() -> None:
+    index = SceneIndex(2)
+    index.upsert(7, "a", unit(1, 0))
+    index.upsert(7, "a", unit(0, 1))
+    assert len(index) == 1 and index.search(unit(0, 1), 1)[0].score == np.float32(1.0)
+    index.remove(7)
+    assert index.search(unit(0, 1), 1) == [] and index.ids() == set()
+
+
+def test_concurrent_searches_and_updates_stay_consistent() -> None:
+    index = SceneIndex(8)
+    rng = np.random.default_rng(0)
+    index.rebuild([(i, f"s{i}", l2_normalize(rng.standard_normal(8))) for i in range(100)])
+    errors: list[BaseException] = []
+
+    def reader() -> None:
+        try:
+            for _ in range(200):
+                found = index.search(l2_normalize(rng.standard_normal(8)), 5)
+                assert 1 <= len(found) <= 5
+        except BaseException as exc:
+            errors.append(exc)
+
+    def writer() -> None:
+        for i in range(100, 300):
+            index.upsert(i, f"s{i}", l2_normalize(np.ones(8)))
+            index.remove(i)
+
+    threads = [threading.Thread(target=reader) for _ in range(3)] + [threading.Thread(target=writer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == [] and len(index) == 100
