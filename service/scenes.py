@@ -143,9 +143,9 @@ class SceneService:
             if repo.get_scene(session, name=name) is not None:
                 raise SceneExists(f"scene {name!r} already exists", scene=name)
         hashes = self._check_uploads(uploads, existing=set())
-        decoded = [self._decode(u) for u in uploads]
-        embeddings = np.stack([self._embed(model, d) for d in decoded])  # (clips, D)
-        proto = prototype(embeddings)
+        decoded = [self._decode(model, u) for u in uploads]
+        embeddings = [self._embed(model, d) for d in decoded]
+        proto = prototype(np.stack(embeddings))  # (clips, D) -> (D,)
         with self.store.lock:
             self._store_blobs(uploads)
             with self._session() as session:
@@ -153,10 +153,7 @@ class SceneService:
                     scene = repo.create_scene(session, name=name)
                 except IntegrityError:
                     raise SceneExists(f"scene {name!r} already exists", scene=name) from None
-                for upload, sha, clip, emb in zip(uploads, hashes, decoded, embeddings, strict=True):
-                    row = repo.add_clip(session, scene=scene, sha256=sha, filename=display_filename(upload.filename),
-                                        byte_size=len(upload.data), duration_s=clip.duration_s)
-                    repo.put_clip_embedding(session, clip_id=row.id, model_version=model.version, vector=emb)
+                self._insert_clips(session, scene, uploads, hashes, decoded, embeddings, model)
                 repo.put_prototype(session, scene_id=scene.id, model_version=model.version, vector=proto,
                                    n_clips=len(uploads))
                 session.commit()
@@ -175,16 +172,13 @@ class SceneService:
             scene = self._get(session, name)
             existing = {c.sha256 for c in scene.clips}
         hashes = self._check_uploads(uploads, existing=existing)
-        decoded = [self._decode(u) for u in uploads]
+        decoded = [self._decode(model, u) for u in uploads]
         embeddings = [self._embed(model, d) for d in decoded]
         with self.store.lock:
             self._store_blobs(uploads)
             with self._session() as session:
                 scene = self._get(session, name)
-                for upload, sha, clip, emb in zip(uploads, hashes, decoded, embeddings, strict=True):
-                    row = repo.add_clip(session, scene=scene, sha256=sha, filename=display_filename(upload.filename),
-                                        byte_size=len(upload.data), duration_s=clip.duration_s)
-                    repo.put_clip_embedding(session, clip_id=row.id, model_version=model.version, vector=emb)
+                self._insert_clips(session, scene, uploads, hashes, decoded, embeddings, model)
                 all_embeddings = repo.clip_embeddings(session, scene_id=scene.id, model_version=model.version)
                 proto = prototype(all_embeddings)
                 repo.put_prototype(session, scene_id=scene.id, model_version=model.version, vector=proto,
@@ -233,7 +227,7 @@ class SceneService:
         """Nearest scenes for one clip; unknown when the best score is below the threshold."""
         self._check_size(upload)
         model = self.model
-        clip = self._decode(upload)
+        clip = self._decode(model, upload)
         query = self._embed(model, clip)
         matches = self.index.search(query, top_k)
         return Classification(decision=decide(matches, self.unknown_threshold), model_version=model.version,
@@ -261,9 +255,9 @@ class SceneService:
             raise TooLarge(f"clip {display_filename(upload.filename)!r} is {len(upload.data)} bytes; the limit is "
                            f"{self.max_upload_bytes}", file=display_filename(upload.filename))
 
-    def _decode(self, upload: Upload) -> DecodedClip:
+    def _decode(self, model: LoadedModel, upload: Upload) -> DecodedClip:
         try:
-            return decode_clip(upload.data, sample_rate=self.model.encoder.sample_rate, limits=self.limits)
+            return decode_clip(upload.data, sample_rate=model.encoder.sample_rate, limits=self.limits)
         except AudioError as exc:
             raise ClipRejected(display_filename(upload.filename), exc) from exc
 
@@ -277,6 +271,14 @@ class SceneService:
                 self.store.put(u.data)
         except OSError as exc:
             raise StorageUnavailable(f"the clip store cannot be written: {exc.strerror or exc}") from exc
+
+    @staticmethod
+    def _insert_clips(session: Session, scene: Scene, uploads: Sequence[Upload], hashes: Sequence[str],
+                      decoded: Sequence[DecodedClip], embeddings: Sequence[np.ndarray], model: LoadedModel) -> None:
+        for upload, sha, clip, emb in zip(uploads, hashes, decoded, embeddings, strict=True):
+            row = repo.add_clip(session, scene=scene, sha256=sha, filename=display_filename(upload.filename),
+                                byte_size=len(upload.data), duration_s=clip.duration_s)
+            repo.put_clip_embedding(session, clip_id=row.id, model_version=model.version, vector=emb)
 
     def _reembed(self, session: Session, *, scene_id: int, model: LoadedModel) -> None:
         clips = repo.clip_rows(session, scene_id=scene_id)
