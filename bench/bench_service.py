@@ -50,16 +50,16 @@ import httpx2
 import numpy as np
 import soundfile as sf
 import torch
-from sceneprint.service.db import make_engine
-from sceneprint.service.migrate import upgrade
-from sceneprint.service.settings import Settings, default_bundle_path
-from sceneprint.service.tables import Prototype, Scene
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from sceneprint.audio import ClipLimits, decode_clip
 from sceneprint.bundle import Manifest, load_bundle
 from sceneprint.encoder import Encoder
+from sceneprint.service.db import make_engine
+from sceneprint.service.migrate import upgrade
+from sceneprint.service.settings import Settings, default_bundle_path
+from sceneprint.service.tables import Prototype, Scene
 
 DEV_DATA_ENV = "SCENEPRINT_DEV_DATA"
 CLIPS_PER_ENROLLMENT = 5

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from alembic import context
-from sceneprint.service.tables import Base
 from sqlalchemy import create_engine, pool
+
+from sceneprint.service.tables import Base
 
 config = context.config
 url = config.attributes.get("database_url") or config.get_main_option("sqlalchemy.url")

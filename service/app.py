@@ -10,6 +10,12 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import OperationalError
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from sceneprint import __version__
+from sceneprint.bundle import Manifest, load_bundle
 from sceneprint.service.body_limits import BodyLimitMiddleware
 from sceneprint.service.clipstore import ClipStore
 from sceneprint.service.db import make_engine, make_session_factory
@@ -19,12 +25,6 @@ from sceneprint.service.migrate import upgrade
 from sceneprint.service.routes import classify, health, scenes
 from sceneprint.service.scenes import LoadedModel, SceneService
 from sceneprint.service.settings import Settings
-from sqlalchemy.exc import OperationalError
-from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
-
-from sceneprint import __version__
-from sceneprint.bundle import Manifest, load_bundle
 
 log = logging.getLogger("sceneprint.service")
 DEFAULT_UNKNOWN_THRESHOLD = 0.5

@@ -12,8 +12,9 @@ import asyncio
 import json
 from typing import Any
 
-from sceneprint.service.errors import PROBLEM_JSON, problem
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from sceneprint.service.errors import PROBLEM_JSON, problem
 
 
 class _Rejected(Exception):

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import Depends, Request
+
 from sceneprint.service.errors import NotReady
 from sceneprint.service.scenes import SceneService
 from sceneprint.service.settings import Settings

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import sceneprint.migrations
 from alembic import command
 from alembic.config import Config
+
+import sceneprint.migrations
 
 
 def alembic_config(url: str) -> Config:

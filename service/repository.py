@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import numpy as np
-from sceneprint.service.tables import Clip, ClipEmbedding, Prototype, Scene, utcnow
 from sqlalchemy import delete, func, select
 from sqlalchemy.orm import Session
+
+from sceneprint.service.tables import Clip, ClipEmbedding, Prototype, Scene, utcnow
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,13 @@ from datetime import datetime
 
 import numpy as np
 import torch
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session, sessionmaker
+
+from sceneprint.audio import AudioError, ClipLimits, DecodedClip, decode_clip
+from sceneprint.bundle import Manifest
+from sceneprint.encoder import Encoder
+from sceneprint.prototypes import Decision, decide, prototype
 from sceneprint.service import repository as repo
 from sceneprint.service.clipstore import ClipStore, content_hash
 from sceneprint.service.errors import (
@@ -27,13 +34,6 @@ from sceneprint.service.errors import (
 )
 from sceneprint.service.index import SceneIndex
 from sceneprint.service.tables import Scene
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session, sessionmaker
-
-from sceneprint.audio import AudioError, ClipLimits, DecodedClip, decode_clip
-from sceneprint.bundle import Manifest
-from sceneprint.encoder import Encoder
-from sceneprint.prototypes import Decision, decide, prototype
 
 SCENE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 # Stored clips passed the limits in force when they were enrolled; re-embedding must not refuse them

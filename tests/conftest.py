@@ -10,13 +10,13 @@ from typing import Any
 import pytest
 import torch
 from fastapi.testclient import TestClient
-from sceneprint.service.app import create_app
-from sceneprint.service.settings import Settings
 
 from sceneprint.bundle import save_bundle
 from sceneprint.cpmobile import preset
 from sceneprint.encoder import Encoder, WindowConfig
 from sceneprint.frontend import LogMelConfig
+from sceneprint.service.app import create_app
+from sceneprint.service.settings import Settings
 from tests import audio_factory as af
 
 

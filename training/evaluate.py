@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
+
+from sceneprint.bundle import MANIFEST, load_bundle
+from sceneprint.encoder import Encoder
 from sceneprint.training.data import (
     ClipMeta,
     FewShotSplit,
@@ -24,10 +28,6 @@ from sceneprint.training.data import (
     load_split,
 )
 from sceneprint.training.fewshot import evaluate, logmel_statistics, open_set
-from tqdm import tqdm
-
-from sceneprint.bundle import MANIFEST, load_bundle
-from sceneprint.encoder import Encoder
 
 PROTOCOL = ("episodes over the 10 held-out classes of splits/fewshot-v1.json; supports and queries from different "
             "recordings (source_id); 15 queries per class; nearest prototype by cosine; embeddings from decoded audio "

@@ -22,10 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sceneprint.training.data import ClipMeta, FewShotSplit, cached_logmels, dev_data_root, load_meta, load_split
-from sceneprint.training.evaluate import embed_clips, heldout_report
-from sceneprint.training.fewshot import evaluate
-from sceneprint.training.heads import CosineClassifier
 from tqdm import tqdm
 
 from sceneprint.bundle import save_bundle
@@ -33,6 +29,10 @@ from sceneprint.config import apply_overrides, to_dict
 from sceneprint.cpmobile import Norm, parameter_count, preset
 from sceneprint.encoder import Encoder, WindowConfig, network_macs_per_second
 from sceneprint.frontend import LogMelConfig
+from sceneprint.training.data import ClipMeta, FewShotSplit, cached_logmels, dev_data_root, load_meta, load_split
+from sceneprint.training.evaluate import embed_clips, heldout_report
+from sceneprint.training.fewshot import evaluate
+from sceneprint.training.heads import CosineClassifier
 
 
 @dataclass(frozen=True)

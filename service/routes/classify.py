@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, File, Query, UploadFile
+from starlette.concurrency import run_in_threadpool
+
 from sceneprint.service.deps import ScenesDep
 from sceneprint.service.routes.uploads import PROBLEM_RESPONSES, read_uploads
 from sceneprint.service.schemas import ClassificationPublic, MatchPublic
-from starlette.concurrency import run_in_threadpool
 
 router = APIRouter(tags=["classify"])
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
+
 from sceneprint.service.deps import ScenesDep
 from sceneprint.service.schemas import Health, Readiness
 

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, File, Response, UploadFile, status
+from starlette.concurrency import run_in_threadpool
+
 from sceneprint.service.deps import ScenesDep
 from sceneprint.service.routes.uploads import PROBLEM_RESPONSES, read_uploads
 from sceneprint.service.scenes import SceneInfo, check_scene_name
 from sceneprint.service.schemas import SceneList, ScenePublic
-from starlette.concurrency import run_in_threadpool
 
 router = APIRouter(prefix="/scenes", tags=["scenes"])
 

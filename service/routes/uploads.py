@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import UploadFile
+
 from sceneprint.service.scenes import Upload
 from sceneprint.service.schemas import Problem
 

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import pytest
-from sceneprint.training.supervised import TrainConfig
 
 from sceneprint.config import ConfigError, apply_overrides, from_dict, to_dict
 from sceneprint.cpmobile import CPMobileConfig
+from sceneprint.training.supervised import TrainConfig
 
 
 def test_round_trip_through_a_dict() -> None:

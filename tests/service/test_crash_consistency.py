@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from sceneprint.service import repository
 from sceneprint.service.scenes import SceneService
-
 from tests import audio_factory as af
 from tests.conftest import ClientFactory, clip_files
 

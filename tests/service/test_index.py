@@ -5,9 +5,9 @@ from __future__ import annotations
 import threading
 
 import numpy as np
-from sceneprint.service.index import SceneIndex
 
 from sceneprint.prototypes import l2_normalize
+from sceneprint.service.index import SceneIndex
 
 
 def unit(*values: float) -> np.ndarray:

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import uvicorn
+
 from sceneprint.service.app import create_app
 from sceneprint.service.settings import Settings
-
 from tests import audio_factory as af
 
 

@@ -6,12 +6,12 @@ from pathlib import Path
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
-from sceneprint.service.migrate import alembic_config, current_revision, upgrade
-from sceneprint.service.tables import Base
 from sqlalchemy import create_engine, inspect
 from typer.testing import CliRunner
 
 from sceneprint.cli import app as cli
+from sceneprint.service.migrate import alembic_config, current_revision, upgrade
+from sceneprint.service.tables import Base
 
 
 def test_migrations_build_the_schema_from_an_empty_database(tmp_path: Path) -> None:

@@ -11,9 +11,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+
 from sceneprint.service.settings import default_bundle_path
 from sceneprint.training.data import dev_data_root, load_meta, load_split
-
 from tests.conftest import ClientFactory
 
 SCENES = ["crickets", "airplane", "washing_machine", "siren", "keyboard_typing"]

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from sceneprint.service.clipstore import ClipStore
 
+from sceneprint.service.clipstore import ClipStore
 from tests import audio_factory as af
 from tests.conftest import ClientFactory, clip_files
 

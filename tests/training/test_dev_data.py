@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from sceneprint.training.data import dev_data_root, load_meta, load_split
 
 

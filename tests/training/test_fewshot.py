@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from sceneprint.training.fewshot import evaluate, logmel_statistics, sample_episode
 
 
