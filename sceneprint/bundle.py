@@ -200,6 +200,7 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     with os.fdopen(fd, "w", encoding="utf-8") as f:
         json.dump(data, f, indent=2)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a bundle is meant to be read by others
     os.replace(tmp, path)
 
 
