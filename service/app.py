@@ -42,7 +42,7 @@ def build_scene_service(settings: Settings) -> SceneService:
         index=SceneIndex(manifest.embedding_dim), model=LoadedModel(encoder, manifest),
         limits=settings.clip_limits, max_upload_bytes=settings.max_upload_bytes,
         clips_per_enrollment=settings.clips_per_enrollment, unknown_threshold=unknown_threshold(settings, manifest),
-        torch_threads=settings.torch_threads,
+        torch_threads=settings.torch_threads, inference_slots=settings.inference_slots,
     )
     report = service.start()
     log.info("model %s loaded, unknown threshold %.3f; %s", manifest.model_version, service.unknown_threshold,

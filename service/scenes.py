@@ -6,6 +6,8 @@ Routes call these methods from a worker thread; they raise ``SceneprintError`` s
 from __future__ import annotations
 
 import re
+import threading
+import time
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -90,12 +92,13 @@ class Classification:
     decision: Decision
     model_version: str
     duration_s: float
+    timings_ms: dict[str, float]  # decode, embed, search: reported as a Server-Timing header
 
 
 class SceneService:
     def __init__(self, *, sessions: sessionmaker[Session], store: ClipStore, index: SceneIndex, model: LoadedModel,
                  limits: ClipLimits, max_upload_bytes: int, clips_per_enrollment: int, unknown_threshold: float,
-                 torch_threads: int) -> None:
+                 torch_threads: int, inference_slots: int) -> None:
         self.sessions = sessions
         self.store = store
         self.index = index
@@ -105,6 +108,8 @@ class SceneService:
         self.clips_per_enrollment = clips_per_enrollment
         self.unknown_threshold = unknown_threshold
         self.torch_threads = torch_threads
+        # Bounds concurrent decode + embed work to the cores; waiting requests queue instead of time-slicing.
+        self._inference = threading.BoundedSemaphore(inference_slots)
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -143,8 +148,9 @@ class SceneService:
             if repo.get_scene(session, name=name) is not None:
                 raise SceneExists(f"scene {name!r} already exists", scene=name)
         hashes = self._check_uploads(uploads, existing=set())
-        decoded = [self._decode(model, u) for u in uploads]
-        embeddings = [self._embed(model, d) for d in decoded]
+        with self._inference:
+            decoded = [self._decode(model, u) for u in uploads]
+            embeddings = [self._embed(model, d) for d in decoded]
         proto = prototype(np.stack(embeddings))  # (clips, D) -> (D,)
         with self.store.lock:
             self._store_blobs(uploads)
@@ -172,8 +178,9 @@ class SceneService:
             scene = self._get(session, name)
             existing = {c.sha256 for c in scene.clips}
         hashes = self._check_uploads(uploads, existing=existing)
-        decoded = [self._decode(model, u) for u in uploads]
-        embeddings = [self._embed(model, d) for d in decoded]
+        with self._inference:
+            decoded = [self._decode(model, u) for u in uploads]
+            embeddings = [self._embed(model, d) for d in decoded]
         with self.store.lock:
             self._store_blobs(uploads)
             with self._session() as session:
@@ -227,11 +234,19 @@ class SceneService:
         """Nearest scenes for one clip; unknown when the best score is below the threshold."""
         self._check_size(upload)
         model = self.model
-        clip = self._decode(model, upload)
-        query = self._embed(model, clip)
+        t_queue = time.perf_counter()
+        with self._inference:
+            t0 = time.perf_counter()
+            clip = self._decode(model, upload)
+            t1 = time.perf_counter()
+            query = self._embed(model, clip)
+            t2 = time.perf_counter()
         matches = self.index.search(query, top_k)
+        t3 = time.perf_counter()
+        timings = {"queue": (t0 - t_queue) * 1e3, "decode": (t1 - t0) * 1e3, "embed": (t2 - t1) * 1e3,
+                   "search": (t3 - t2) * 1e3}
         return Classification(decision=decide(matches, self.unknown_threshold), model_version=model.version,
-                              duration_s=round(clip.duration_s, 3))
+                              duration_s=round(clip.duration_s, 3), timings_ms=timings)
 
     # --- internals ------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ Nothing about features (sample rate, hop, mel bands) is a service setting: the m
 
 from __future__ import annotations
 
+import os
 from importlib.resources import files
 from pathlib import Path
 
@@ -39,6 +40,10 @@ class Settings(BaseSettings):
     upload_read_timeout_s: float = Field(default=30.0, gt=0,
                                          description="A request body that stalls this long is dropped (408).")
     torch_threads: int = Field(default=1, ge=1, description="Intra-op threads per inference call.")
+    inference_slots: int = Field(
+        default_factory=lambda: os.cpu_count() or 1, ge=1,
+        description="Clips decoded and embedded at once; further requests queue. Default: the CPU count, so "
+                    "concurrent requests do not time-slice the cores (which inflates tail latency).")
     db_busy_timeout_s: float = Field(default=5.0, gt=0, description="How long a write waits on a locked SQLite "
                                                                     "database before failing with 503.")
 

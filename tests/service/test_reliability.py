@@ -200,3 +200,9 @@ def test_a_locked_database_gives_503_database_busy(client_factory: ClientFactory
             locker.rollback()
             locker.close()
         assert client.post("/scenes/kitchen/enroll", files=clip_files()).status_code == 201
+
+
+def test_classify_reports_where_the_time_went(client: TestClient) -> None:
+    r = client.post("/classify", files={"file": ("q.wav", GOOD)})
+    parts = dict(p.strip().split(";dur=") for p in r.headers["server-timing"].split(","))
+    assert set(parts) == {"queue", "decode", "embed", "search"} and all(float(v) >= 0 for v in parts.values())
