@@ -7,7 +7,7 @@ start-up and updated after each commit. Prototypes are unit vectors, so inner pr
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 import faiss
@@ -63,15 +63,28 @@ class SceneIndex:
     def __len__(self) -> int:
         return len(self._names)
 
-    def rebuild(self, rows: list[tuple[int, str, np.ndarray]]) -> None:
-        """Replace the whole content with (scene id, name, prototype) rows."""
+    def rebuild(self, rows: Iterable[tuple[int, str, np.ndarray]], chunk: int = 8192) -> None:
+        """Replace the whole content with (scene id, name, prototype) rows, added in chunks.
+
+        The new index is built aside and swapped in, so searches keep using the old one meanwhile.
+        """
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        if rows:
-            vectors = np.stack([v for _, _, v in rows]).astype(np.float32)  # (M, D)
-            index.add_with_ids(vectors, np.array([i for i, _, _ in rows], dtype=np.int64))
+        names: dict[int, str] = {}
+        vectors = np.empty((chunk, self.dim), dtype=np.float32)  # (chunk, D), reused
+        ids = np.empty(chunk, dtype=np.int64)
+        n = 0
+        for scene_id, name, vector in rows:
+            vectors[n], ids[n] = vector, scene_id
+            names[scene_id] = name
+            n += 1
+            if n == chunk:
+                index.add_with_ids(vectors, ids)
+                n = 0
+        if n:
+            index.add_with_ids(vectors[:n], ids[:n])
         with self._lock.writing():
             self._index = index
-            self._names = {i: name for i, name, _ in rows}
+            self._names = names
 
     def upsert(self, scene_id: int, name: str, prototype: np.ndarray) -> None:
         ids = np.array([scene_id], dtype=np.int64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -90,13 +91,16 @@ def delete_scene(session: Session, *, scene: Scene) -> list[str]:
     return hashes
 
 
-def prototypes(session: Session, *, model_version: str) -> list[tuple[int, str, np.ndarray]]:
-    """(scene id, name, prototype) of every scene that has a prototype under ``model_version``."""
-    rows = session.execute(
+def prototypes(session: Session, *, model_version: str, batch: int = 4096) -> Iterator[tuple[int, str, np.ndarray]]:
+    """(scene id, name, prototype) of every scene with a prototype under ``model_version``, streamed in
+    batches so that 100,000 scenes never sit in memory as Python rows all at once."""
+    result = session.execute(
         select(Scene.id, Scene.name, Prototype.vector).join(Prototype, Prototype.scene_id == Scene.id)
         .where(Prototype.model_version == model_version).order_by(Scene.id)
-    ).all()
-    return [(sid, name, bytes_vector(vec)) for sid, name, vec in rows]
+        .execution_options(yield_per=batch)
+    )
+    for sid, name, vec in result:
+        yield sid, name, bytes_vector(vec)
 
 
 def scenes_without_prototype(session: Session, *, model_version: str) -> list[Scene]:

@@ -56,3 +56,13 @@ def test_concurrent_searches_and_updates_stay_consistent() -> None:
     for t in threads:
         t.join()
     assert errors == [] and len(index) == 100
+
+
+def test_rebuild_in_chunks_keeps_every_row() -> None:
+    rng = np.random.default_rng(3)
+    rows = [(i * 3, f"s{i}", l2_normalize(rng.standard_normal(4))) for i in range(23)]
+    index = SceneIndex(4)
+    index.rebuild(iter(rows), chunk=5)
+    assert index.ids() == {i for i, _, _ in rows}
+    for _, name, vector in rows:
+        assert index.search(vector, 1)[0].scene == name
