@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 import numpy as np
 from sqlalchemy import delete, func, select
@@ -76,7 +76,13 @@ def scene_rows(session: Session, *, model_version: str, name: str | None = None)
     query = select(Scene.id, Scene.name, Scene.created_at, clip_count, proto_version).order_by(Scene.name)
     if name is not None:
         query = query.where(Scene.name == name)
-    return [SceneRow(*row) for row in session.execute(query).all()]
+    return [SceneRow(sid, scene_name, as_utc(created), clips, version)
+            for sid, scene_name, created, clips, version in session.execute(query).all()]
+
+
+def as_utc(moment: datetime) -> datetime:
+    """SQLite returns stored timestamps without their zone; every timestamp here is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 
 def delete_scene(session: Session, *, scene: Scene) -> list[str]:

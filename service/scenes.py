@@ -194,7 +194,7 @@ class SceneService:
                 except IntegrityError:
                     raise DuplicateClips("a clip in this request was added to the scene concurrently") from None
                 info = SceneInfo(name=name, clips=len(all_embeddings), model_version=model.version,
-                                 created_at=scene.created_at)
+                                 created_at=repo.as_utc(scene.created_at))
                 scene_id = scene.id
         self._index_if_current(model, scene_id, name, proto)
         return info

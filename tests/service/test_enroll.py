@@ -21,8 +21,10 @@ def test_enroll_creates_a_scene_from_five_clips(client: TestClient) -> None:
     body = r.json()
     assert body["name"] == "kitchen" and body["clips"] == 5
     assert body["model_version"] == "test-tiny-v1" and body["created_at"]
-    assert client.get("/scenes/kitchen").json()["clips"] == 5
-    assert [s["name"] for s in client.get("/scenes").json()["scenes"]] == ["kitchen"]
+    listed = client.get("/scenes").json()["scenes"]
+    assert [s["name"] for s in listed] == ["kitchen"]
+    # The same instant, in UTC, whether it comes from the enrollment or back from the database.
+    assert client.get("/scenes/kitchen").json() == listed[0] == body
 
 
 def test_enroll_keeps_the_original_audio_content_addressed(client: TestClient, tmp_path: Path) -> None:

@@ -1,0 +1,22 @@
+"""The bundled default model: it loads, says what it was trained on, and its report is its manifest's."""
+
+from __future__ import annotations
+
+from sceneprint.bundle import load_bundle
+from sceneprint.service.settings import default_bundle_path
+from sceneprint.training.report import render
+
+
+def test_the_bundled_model_loads_and_documents_its_data_and_licence() -> None:
+    encoder, manifest = load_bundle(default_bundle_path())
+    assert manifest.parameter_count <= 128_000
+    assert "non-commercial" in manifest.training["licenses"]["note"]
+    held_out = set(manifest.training["data"]["heldout_classes_never_seen"])
+    assert held_out and held_out.isdisjoint(manifest.training["data"]["classes"])
+    assert manifest.evaluation["heldout_fewshot"]["5way_5shot"]["episodes"] >= 1000
+    assert 0 < manifest.evaluation["heldout_open_set_5way_5shot"]["threshold"] < 1
+
+
+def test_the_committed_report_is_generated_from_the_manifest() -> None:
+    bundle = default_bundle_path()
+    assert (bundle / "REPORT.md").read_text(encoding="utf-8") == render(bundle)
