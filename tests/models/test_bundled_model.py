@@ -8,7 +8,7 @@ from sceneprint.training.report import render
 
 
 def test_the_bundled_model_loads_and_documents_its_data_and_licence() -> None:
-    encoder, manifest = load_bundle(default_bundle_path())
+    _, manifest = load_bundle(default_bundle_path())
     assert manifest.parameter_count <= 128_000
     assert "non-commercial" in manifest.training["licenses"]["note"]
     held_out = set(manifest.training["data"]["heldout_classes_never_seen"])
