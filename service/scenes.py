@@ -9,7 +9,8 @@ import re
 import threading
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -151,18 +152,16 @@ class SceneService:
             decoded = [self._decode(model, u) for u in uploads]
             embeddings = [self._embed(model, d) for d in decoded]
         proto = prototype(np.stack(embeddings))  # (clips, D) -> (D,)
-        with self.store.lock:
-            self._store_blobs(uploads)
-            with self._session() as session:
-                try:
-                    scene = repo.create_scene(session, name=name)
-                except IntegrityError:
-                    raise SceneExists(f"scene {name!r} already exists", scene=name) from None
-                self._insert_clips(session, scene, uploads, hashes, decoded, embeddings, model)
-                repo.put_prototype(session, scene_id=scene.id, model_version=model.version, vector=proto,
-                                   n_clips=len(uploads))
-                session.commit()
-                scene_id, created_at = scene.id, scene.created_at
+        with self._storing(uploads), self._session() as session:
+            try:
+                scene = repo.create_scene(session, name=name)
+            except IntegrityError:
+                raise SceneExists(f"scene {name!r} already exists", scene=name) from None
+            self._insert_clips(session, scene, uploads, hashes, decoded, embeddings, model)
+            repo.put_prototype(session, scene_id=scene.id, model_version=model.version, vector=proto,
+                               n_clips=len(uploads))
+            session.commit()
+            scene_id, created_at = scene.id, scene.created_at
         self._index_if_current(model, scene_id, name, proto)
         return SceneInfo(name=name, clips=len(uploads), model_version=model.version, created_at=created_at)
 
@@ -180,22 +179,20 @@ class SceneService:
         with self._inference:
             decoded = [self._decode(model, u) for u in uploads]
             embeddings = [self._embed(model, d) for d in decoded]
-        with self.store.lock:
-            self._store_blobs(uploads)
-            with self._session() as session:
-                scene = self._get(session, name)
-                self._insert_clips(session, scene, uploads, hashes, decoded, embeddings, model)
-                all_embeddings = repo.clip_embeddings(session, scene_id=scene.id, model_version=model.version)
-                proto = prototype(all_embeddings)
-                repo.put_prototype(session, scene_id=scene.id, model_version=model.version, vector=proto,
-                                   n_clips=len(all_embeddings))
-                try:
-                    session.commit()
-                except IntegrityError:
-                    raise DuplicateClips("a clip in this request was added to the scene concurrently") from None
-                info = SceneInfo(name=name, clips=len(all_embeddings), model_version=model.version,
-                                 created_at=repo.as_utc(scene.created_at))
-                scene_id = scene.id
+        with self._storing(uploads), self._session() as session:
+            scene = self._get(session, name)
+            self._insert_clips(session, scene, uploads, hashes, decoded, embeddings, model)
+            all_embeddings = repo.clip_embeddings(session, scene_id=scene.id, model_version=model.version)
+            proto = prototype(all_embeddings)
+            repo.put_prototype(session, scene_id=scene.id, model_version=model.version, vector=proto,
+                               n_clips=len(all_embeddings))
+            try:
+                session.commit()
+            except IntegrityError:
+                raise DuplicateClips("a clip in this request was added to the scene concurrently") from None
+            info = SceneInfo(name=name, clips=len(all_embeddings), model_version=model.version,
+                             created_at=repo.as_utc(scene.created_at))
+            scene_id = scene.id
         self._index_if_current(model, scene_id, name, proto)
         return info
 
@@ -279,12 +276,28 @@ class SceneService:
         torch.set_num_threads(self.torch_threads)
         return model.embed(clip)
 
-    def _store_blobs(self, uploads: Sequence[Upload]) -> None:
-        try:
-            for u in uploads:
-                self.store.put(u.data)
-        except OSError as exc:
-            raise StorageUnavailable(f"the clip store cannot be written: {exc.strerror or exc}") from exc
+    @contextmanager
+    def _storing(self, uploads: Sequence[Upload]) -> Iterator[None]:
+        """Write the uploads' audio, then run the body (the database commit) under the store's lock.
+
+        If anything fails, the audio files this request created are removed again, so a refused
+        enrollment leaves nothing behind even before the start-up sweep.
+        """
+        with self.store.lock:
+            created: list[str] = []
+            try:
+                for u in uploads:
+                    sha = content_hash(u.data)
+                    if not self.store.exists(sha):
+                        self.store.put(u.data)
+                        created.append(sha)
+                yield
+            except OSError as exc:
+                self.store.remove(created)
+                raise StorageUnavailable(f"the clip store cannot be written: {exc.strerror or exc}") from exc
+            except BaseException:
+                self.store.remove(created)
+                raise
 
     @staticmethod
     def _insert_clips(session: Session, scene: Scene, uploads: Sequence[Upload], hashes: Sequence[str],

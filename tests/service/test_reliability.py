@@ -187,6 +187,7 @@ def test_a_full_disk_during_enrollment_is_503_and_nothing_is_half_written(
     monkeypatch.setattr(ClipStore, "put", failing_put)
     problem_of(client.post("/scenes/kitchen/enroll", files=clip_files()), 503, "storage_unavailable")
     assert [s["name"] for s in client.get("/scenes").json()["scenes"]] == ["existing"]
+    assert len(list((tmp_path / "data" / "clips").glob("??/*"))) == 5  # only the existing scene's audio
     assert client.post("/classify", files={"file": ("q.wav", GOOD)}).status_code == 200
 
 
@@ -206,3 +207,22 @@ def test_classify_reports_where_the_time_went(client: TestClient) -> None:
     r = client.post("/classify", files={"file": ("q.wav", GOOD)})
     parts = dict(p.strip().split(";dur=") for p in r.headers["server-timing"].split(","))
     assert set(parts) == {"queue", "decode", "embed", "search"} and all(float(v) >= 0 for v in parts.values())
+
+
+def test_a_read_only_database_during_enrollment_is_503_and_reads_keep_working(
+        client: TestClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sqlalchemy.exc import OperationalError
+
+    from sceneprint.service import repository
+
+    client.post("/scenes/existing/enroll", files=clip_files(seed=30))
+
+    def read_only(*_a: object, **_k: object) -> None:
+        raise OperationalError("INSERT INTO scenes", {}, Exception("attempt to write a readonly database"))
+
+    monkeypatch.setattr(repository, "create_scene", read_only)
+    problem_of(client.post("/scenes/kitchen/enroll", files=clip_files()), 503, "storage_unavailable")
+    monkeypatch.undo()
+    assert [s["name"] for s in client.get("/scenes").json()["scenes"]] == ["existing"]
+    assert client.post("/classify", files={"file": ("q.wav", GOOD)}).status_code == 200
+    assert len(list((tmp_path / "data" / "clips").glob("??/*"))) == 5  # the refused enrollment's audio is gone
