@@ -66,6 +66,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.scenes = await run_in_threadpool(build_scene_service, settings)
         yield
+        app.state.scenes.close()
         app.state.scenes.sessions.kw["bind"].dispose()
 
     app = FastAPI(

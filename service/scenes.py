@@ -6,13 +6,14 @@ Routes call these methods from a worker thread; they raise ``SceneprintError`` s
 from __future__ import annotations
 
 import re
-import threading
 import time
 import unicodedata
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -37,6 +38,8 @@ from sceneprint.service.errors import (
 )
 from sceneprint.service.index import SceneIndex
 from sceneprint.service.tables import Scene
+
+T = TypeVar("T")
 
 SCENE_NAME = re.compile(r"[a-z0-9_-]{1,64}")
 # Stored clips passed the limits in force when they were enrolled; re-embedding must not refuse them
@@ -109,8 +112,10 @@ class SceneService:
         self.clips_per_enrollment = clips_per_enrollment
         self.unknown_threshold = unknown_threshold
         self.torch_threads = torch_threads
-        # Bounds concurrent decode + embed work to the cores; waiting requests queue instead of time-slicing.
-        self._inference = threading.BoundedSemaphore(inference_slots)
+        # Decode + embed run on a fixed pool, one thread per core by default: waiting requests queue in
+        # order (FIFO) instead of time-slicing the cores, and only these threads ever hold torch's
+        # per-thread buffers and malloc arenas.
+        self._inference = ThreadPoolExecutor(max_workers=inference_slots, thread_name_prefix="inference")
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -148,9 +153,7 @@ class SceneService:
             if repo.get_scene(session, name=name) is not None:
                 raise SceneExists(f"scene {name!r} already exists", scene=name)
         hashes = self._check_uploads(uploads, existing=set())
-        with self._inference:
-            decoded = [self._decode(model, u) for u in uploads]
-            embeddings = [self._embed(model, d) for d in decoded]
+        decoded, embeddings = self._infer(lambda: self._decode_and_embed(model, uploads))
         proto = prototype(np.stack(embeddings))  # (clips, D) -> (D,)
         with self._storing(uploads), self._session() as session:
             try:
@@ -176,9 +179,7 @@ class SceneService:
             scene = self._get(session, name)
             existing = {c.sha256 for c in scene.clips}
         hashes = self._check_uploads(uploads, existing=existing)
-        with self._inference:
-            decoded = [self._decode(model, u) for u in uploads]
-            embeddings = [self._embed(model, d) for d in decoded]
+        decoded, embeddings = self._infer(lambda: self._decode_and_embed(model, uploads))
         with self._storing(uploads), self._session() as session:
             scene = self._get(session, name)
             self._insert_clips(session, scene, uploads, hashes, decoded, embeddings, model)
@@ -231,12 +232,15 @@ class SceneService:
         self._check_size(upload)
         model = self.model
         t_queue = time.perf_counter()
-        with self._inference:
+
+        def work() -> tuple[DecodedClip, np.ndarray, float, float]:
             t0 = time.perf_counter()
             clip = self._decode(model, upload)
             t1 = time.perf_counter()
-            query = self._embed(model, clip)
-            t2 = time.perf_counter()
+            return clip, self._embed(model, clip), t0, t1
+
+        clip, query, t0, t1 = self._infer(work)
+        t2 = time.perf_counter()
         matches = self.index.search(query, top_k)
         t3 = time.perf_counter()
         timings = {"queue": (t0 - t_queue) * 1e3, "decode": (t1 - t0) * 1e3, "embed": (t2 - t1) * 1e3,
@@ -244,7 +248,20 @@ class SceneService:
         return Classification(decision=decide(matches, self.unknown_threshold), model_version=model.version,
                               duration_s=round(clip.duration_s, 3), timings_ms=timings)
 
+    def close(self) -> None:
+        """Stop the inference threads (after the server stopped taking requests)."""
+        self._inference.shutdown(wait=True)
+
     # --- internals ------------------------------------------------------------------------------
+
+    def _infer(self, work: Callable[[], T]) -> T:
+        """Run decode/embed work on the inference pool and wait for it (its exceptions re-raise here)."""
+        return self._inference.submit(work).result()
+
+    def _decode_and_embed(self, model: LoadedModel, uploads: Sequence[Upload]) -> tuple[list[DecodedClip],
+                                                                                          list[np.ndarray]]:
+        decoded = [self._decode(model, u) for u in uploads]
+        return decoded, [self._embed(model, d) for d in decoded]
 
     def _check_uploads(self, uploads: Sequence[Upload], existing: set[str]) -> list[str]:
         for u in uploads:

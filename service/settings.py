@@ -42,8 +42,8 @@ class Settings(BaseSettings):
     torch_threads: int = Field(default=1, ge=1, description="Intra-op threads per inference call.")
     inference_slots: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1,
-        description="Clips decoded and embedded at once; further requests queue. Default: the CPU count, so "
-                    "concurrent requests do not time-slice the cores (which inflates tail latency).")
+        description="Threads that decode and embed clips; further requests queue in order. Default: the CPU "
+                    "count, so concurrent requests do not time-slice the cores (which inflates tail latency).")
     db_busy_timeout_s: float = Field(default=5.0, gt=0, description="How long a write waits on a locked SQLite "
                                                                     "database before failing with 503.")
 
