@@ -15,10 +15,6 @@ import numpy as np
 
 from sceneprint.prototypes import Match
 
-# One search is a single 128-d query: intra-query threads only add overhead, and concurrent requests
-# already use the cores. (Left unset, FAISS follows whatever OpenMP thread count torch last set.)
-faiss.omp_set_num_threads(1)
-
 
 class ReadWriteLock:
     """Many concurrent readers (FAISS search is thread-safe) or one writer (add/remove are not)."""
@@ -100,6 +96,9 @@ class SceneIndex:
 
     def search(self, query: np.ndarray, k: int) -> list[Match]:
         """The ``k`` best scenes for a unit query vector, best first."""
+        # One query: intra-query threads only add overhead while other requests use the cores. The
+        # OpenMP thread count is per calling thread, so it is set here, in the thread that searches.
+        faiss.omp_set_num_threads(1)
         with self._lock.reading():
             k = min(k, len(self._names))
             if k == 0:

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from sceneprint.audio import AudioError, ClipLimits, DecodedClip, decode_clip
 from sceneprint.bundle import Manifest
 from sceneprint.encoder import Encoder
-from sceneprint.prototypes import Decision, decide, prototype
+from sceneprint.prototypes import Decision, Match, decide, prototype
 from sceneprint.service import repository as repo
 from sceneprint.service.clipstore import ClipStore, content_hash
 from sceneprint.service.errors import (
@@ -233,16 +233,16 @@ class SceneService:
         model = self.model
         t_queue = time.perf_counter()
 
-        def work() -> tuple[DecodedClip, np.ndarray, float, float]:
+        def work() -> tuple[DecodedClip, list[Match], list[float]]:
             t0 = time.perf_counter()
             clip = self._decode(model, upload)
             t1 = time.perf_counter()
-            return clip, self._embed(model, clip), t0, t1
+            query = self._embed(model, clip)
+            t2 = time.perf_counter()
+            matches = self.index.search(query, top_k)
+            return clip, matches, [t0, t1, t2, time.perf_counter()]
 
-        clip, query, t0, t1 = self._infer(work)
-        t2 = time.perf_counter()
-        matches = self.index.search(query, top_k)
-        t3 = time.perf_counter()
+        clip, matches, (t0, t1, t2, t3) = self._infer(work)
         timings = {"queue": (t0 - t_queue) * 1e3, "decode": (t1 - t0) * 1e3, "embed": (t2 - t1) * 1e3,
                    "search": (t3 - t2) * 1e3}
         return Classification(decision=decide(matches, self.unknown_threshold), model_version=model.version,
