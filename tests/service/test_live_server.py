@@ -47,7 +47,7 @@ class LiveServer:
 @pytest.fixture
 def server(tmp_path: Path, tiny_bundle: Path) -> Iterator[LiveServer]:
     settings = Settings(data_dir=tmp_path / "data", model_path=tiny_bundle, max_upload_bytes=100_000,
-                        upload_read_timeout_s=1.0, min_clip_seconds=0.5)
+                        upload_read_timeout_s=3.0, min_clip_seconds=0.5)
     with LiveServer(settings) as s:
         yield s
 
