@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -30,7 +31,7 @@ log = logging.getLogger("sceneprint.service")
 DEFAULT_UNKNOWN_THRESHOLD = 0.5
 
 
-def build_scene_service(settings: Settings) -> SceneService:
+def build_scene_service(settings: Settings) -> tuple[SceneService, Engine]:
     """Migrate the database, load the bundle, and bring the index in line with the database."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url
@@ -47,7 +48,7 @@ def build_scene_service(settings: Settings) -> SceneService:
     report = service.start()
     log.info("model %s loaded, unknown threshold %.3f; %s", manifest.model_version, service.unknown_threshold,
              report)
-    return service
+    return service, engine
 
 
 def unknown_threshold(settings: Settings, manifest: Manifest) -> float:
@@ -64,10 +65,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.scenes = await run_in_threadpool(build_scene_service, settings)
+        app.state.scenes, engine = await run_in_threadpool(build_scene_service, settings)
         yield
         app.state.scenes.close()
-        app.state.scenes.sessions.kw["bind"].dispose()
+        engine.dispose()
 
     app = FastAPI(
         title="Sceneprint",
