@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from functools import partial
 from typing import TypeVar
 
 import numpy as np
@@ -111,11 +112,11 @@ class SceneService:
         self.max_upload_bytes = max_upload_bytes
         self.clips_per_enrollment = clips_per_enrollment
         self.unknown_threshold = unknown_threshold
-        self.torch_threads = torch_threads
         # Decode + embed run on a fixed pool, one thread per core by default: waiting requests queue in
         # order (FIFO) instead of time-slicing the cores, and only these threads ever hold torch's
         # per-thread buffers and malloc arenas.
-        self._inference = ThreadPoolExecutor(max_workers=inference_slots, thread_name_prefix="inference")
+        self._inference = ThreadPoolExecutor(max_workers=inference_slots, thread_name_prefix="inference",
+                                             initializer=torch.set_num_threads, initargs=(torch_threads,))
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -237,7 +238,7 @@ class SceneService:
             t0 = time.perf_counter()
             clip = self._decode(model, upload)
             t1 = time.perf_counter()
-            query = self._embed(model, clip)
+            query = model.embed(clip)
             t2 = time.perf_counter()
             matches = self.index.search(query, top_k)
             return clip, matches, [t0, t1, t2, time.perf_counter()]
@@ -261,7 +262,7 @@ class SceneService:
     def _decode_and_embed(self, model: LoadedModel, uploads: Sequence[Upload]) -> tuple[list[DecodedClip],
                                                                                           list[np.ndarray]]:
         decoded = [self._decode(model, u) for u in uploads]
-        return decoded, [self._embed(model, d) for d in decoded]
+        return decoded, [model.embed(d) for d in decoded]
 
     def _check_uploads(self, uploads: Sequence[Upload], existing: set[str]) -> list[str]:
         for u in uploads:
@@ -288,10 +289,6 @@ class SceneService:
             return decode_clip(upload.data, sample_rate=model.encoder.sample_rate, limits=self.limits)
         except AudioError as exc:
             raise ClipRejected(display_filename(upload.filename), exc) from exc
-
-    def _embed(self, model: LoadedModel, clip: DecodedClip) -> np.ndarray:
-        torch.set_num_threads(self.torch_threads)
-        return model.embed(clip)
 
     @contextmanager
     def _storing(self, uploads: Sequence[Upload]) -> Iterator[None]:
@@ -326,11 +323,15 @@ class SceneService:
 
     def _reembed(self, session: Session, *, scene_id: int, model: LoadedModel) -> None:
         clips = repo.clip_rows(session, scene_id=scene_id)
+
+        def embed(sha256: str) -> np.ndarray:
+            decoded = decode_clip(self.store.read(sha256), sample_rate=model.encoder.sample_rate,
+                                  limits=STORED_CLIP_LIMITS)
+            return model.embed(decoded)
+
         embeddings = []
         for clip in clips:
-            decoded = decode_clip(self.store.read(clip.sha256), sample_rate=model.encoder.sample_rate,
-                                  limits=STORED_CLIP_LIMITS)
-            emb = self._embed(model, decoded)
+            emb = self._infer(partial(embed, clip.sha256))  # on the inference pool, like every embed
             repo.put_clip_embedding(session, clip_id=clip.id, model_version=model.version, vector=emb)
             embeddings.append(emb)
         repo.put_prototype(session, scene_id=scene_id, model_version=model.version,

@@ -7,7 +7,7 @@ from starlette.concurrency import run_in_threadpool
 
 from sceneprint.service.deps import ScenesDep
 from sceneprint.service.routes.uploads import PROBLEM_RESPONSES, read_uploads
-from sceneprint.service.scenes import SceneInfo, check_scene_name
+from sceneprint.service.scenes import SceneInfo
 from sceneprint.service.schemas import SceneList, ScenePublic
 
 router = APIRouter(prefix="/scenes", tags=["scenes"])
@@ -26,7 +26,6 @@ async def enroll_scene(name: str, scenes: ScenesDep,
                        files: list[UploadFile] = File(description="Exactly five audio clips of the scene.")
                        ) -> ScenePublic:
     """Create a scene from five clips; all or nothing."""
-    check_scene_name(name)
     uploads = await read_uploads(files)
     return public(await run_in_threadpool(scenes.enroll, name, uploads))
 
@@ -36,7 +35,6 @@ async def add_clips(name: str, scenes: ScenesDep,
                     files: list[UploadFile] = File(description="One to five more clips of the scene.")
                     ) -> ScenePublic:
     """Add clips to an existing scene and update its prototype."""
-    check_scene_name(name)
     uploads = await read_uploads(files)
     return public(await run_in_threadpool(scenes.add_clips, name, uploads))
 
