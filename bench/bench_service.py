@@ -55,7 +55,7 @@ from sqlalchemy.orm import Session
 
 from sceneprint.audio import ClipLimits, decode_clip
 from sceneprint.bundle import Manifest, load_bundle
-from sceneprint.encoder import Encoder
+from sceneprint.encoder import ClipEncoder
 from sceneprint.service.db import make_engine
 from sceneprint.service.migrate import upgrade
 from sceneprint.service.settings import Settings, default_bundle_path
@@ -249,7 +249,7 @@ class RawResult:
     decode_embed: Latency
 
 
-def bench_raw(encoder: Encoder, sequence: Sequence[Clip], limits: ClipLimits, warmup: int) -> RawResult:
+def bench_raw(encoder: ClipEncoder, sequence: Sequence[Clip], limits: ClipLimits, warmup: int) -> RawResult:
     """Decode + embed each clip of ``sequence`` in turn; then embed the pre-decoded waveforms only."""
     rate = encoder.sample_rate
     for clip in sequence[:warmup]:
@@ -511,7 +511,7 @@ class Paired:
         return (self.decode_ms + self.embed_ms) / self.request_ms
 
 
-def paired_breakdown(base_url: str, encoder: Encoder, sequence: Sequence[Clip], limits: ClipLimits) -> Paired:
+def paired_breakdown(base_url: str, encoder: ClipEncoder, sequence: Sequence[Clip], limits: ClipLimits) -> Paired:
     """Where a classify request's time goes: each clip is decoded + embedded here and sent over HTTP, in turn
     (alternating which goes first), so that both see the same machine state even on a busy host."""
     rate = encoder.sample_rate
@@ -801,7 +801,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_all(args: argparse.Namespace, bundle: Path, encoder: Encoder, manifest: Manifest, limits: ClipLimits,
+def run_all(args: argparse.Namespace, bundle: Path, encoder: ClipEncoder, manifest: Manifest, limits: ClipLimits,
             clipset: ClipSet, sequence: list[Clip], tmp: Path, results: dict[str, Any]) -> list[Target]:
     threads: int = args.torch_threads
 

@@ -1,6 +1,7 @@
 """The encoder bundle: a directory holding ``manifest.json`` and ``weights.pt``.
 
-The manifest carries everything that rebuilds the encoder (front-end, network and window configs),
+The manifest names the encoder's architecture (``ARCHITECTURES``: the CP-Mobile student, YAMNet) and
+carries everything that rebuilds it (front-end, network and window configs),
 what it was trained on and under which licences, and its evaluation figures. Loading checks the
 weights' sha256 against the manifest before ``torch.load(weights_only=True)`` touches them, loads
 strictly, and probes the encoder once, so a bundle never executes code and never half-loads.
@@ -13,19 +14,25 @@ import json
 import math
 import os
 import tempfile
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sceneprint.beats import BEATsConfig, BEATsEncoder, BEATsFrontendConfig
 from sceneprint.config import ConfigError, from_dict, to_dict
 from sceneprint.cpmobile import CPMobileConfig, parameter_count
-from sceneprint.encoder import Encoder, WindowConfig, network_macs_per_second
+from sceneprint.encoder import ClipEncoder, Encoder, WindowConfig, network_macs_per_second
 from sceneprint.frontend import LogMelConfig
+from sceneprint.state import load_state_strict
+from sceneprint.yamnet import YAMNetConfig, YAMNetEncoder, YAMNetFrontendConfig
 
-FORMAT_VERSION = 1
+# Version 2 names the architecture; version 1 bundles (CP-Mobile only) still load.
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 WEIGHTS = "weights.pt"
 
@@ -35,18 +42,35 @@ class BundleError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Architecture:
+    """How a bundle's configs become an encoder."""
+
+    frontend: type
+    network: type
+    build: Callable[[Any, Any, WindowConfig], ClipEncoder]
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "cpmobile": Architecture(LogMelConfig, CPMobileConfig, Encoder),
+    "yamnet": Architecture(YAMNetFrontendConfig, YAMNetConfig, YAMNetEncoder),
+    "beats": Architecture(BEATsFrontendConfig, BEATsConfig, BEATsEncoder),
+}
+
+
+@dataclass(frozen=True)
 class Manifest:
     """Everything a bundle says about itself."""
 
     format_version: int
     model_version: str
     created_at: str
+    architecture: str
     sample_rate: int
     embedding_dim: int
     parameter_count: int
     macs_per_second: int
-    frontend: LogMelConfig
-    network: CPMobileConfig
+    frontend: Any  # the architecture's front-end config (LogMelConfig for CP-Mobile)
+    network: Any  # the architecture's network config (CPMobileConfig for CP-Mobile)
     window: WindowConfig
     weights_sha256: str
     training: dict[str, Any] = field(default_factory=dict)
@@ -66,7 +90,7 @@ def sha256_file(path: Path) -> str:
 
 def save_bundle(
     directory: str | os.PathLike[str],
-    encoder: Encoder,
+    encoder: ClipEncoder,
     *,
     model_version: str,
     training: dict[str, Any],
@@ -95,6 +119,7 @@ def save_bundle(
         format_version=FORMAT_VERSION,
         model_version=model_version,
         created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        architecture=encoder.architecture,
         sample_rate=encoder.sample_rate,
         embedding_dim=encoder.embedding_dim,
         parameter_count=parameter_count(encoder.network),
@@ -119,11 +144,18 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         raise BundleError(f"{path} does not exist: not a Sceneprint bundle") from None
     except (OSError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path} is not readable JSON: {exc}") from exc
-    if not isinstance(data, dict) or data.get("format_version") != FORMAT_VERSION:
+    if not isinstance(data, dict) or data.get("format_version") not in READABLE_VERSIONS:
         found = data.get("format_version") if isinstance(data, dict) else None
-        raise BundleError(f"{path}: format_version {found!r} is not supported (expected {FORMAT_VERSION})")
+        raise BundleError(f"{path}: format_version {found!r} is not supported (readable: {READABLE_VERSIONS})")
+    if data["format_version"] == 1:
+        data = {**data, "architecture": "cpmobile"}  # version 1 knew one architecture
+    arch = ARCHITECTURES.get(data.get("architecture"))  # type: ignore[arg-type]
+    if arch is None:
+        raise BundleError(f"{path}: architecture {data.get('architecture')!r} is not one of {sorted(ARCHITECTURES)}")
     try:
         manifest = from_dict(Manifest, data)
+        manifest = replace(manifest, frontend=from_dict(arch.frontend, manifest.frontend, "frontend."),
+                           network=from_dict(arch.network, manifest.network, "network."))
     except ConfigError as exc:
         raise BundleError(f"{path}: {exc}") from exc
     if manifest.sample_rate != manifest.frontend.sample_rate:
@@ -133,7 +165,7 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
     return manifest
 
 
-def load_bundle(directory: str | os.PathLike[str]) -> tuple[Encoder, Manifest]:
+def load_bundle(directory: str | os.PathLike[str]) -> tuple[ClipEncoder, Manifest]:
     """Load a bundle: verify, rebuild, load strictly, probe.
 
     Args:
@@ -159,30 +191,14 @@ def load_bundle(directory: str | os.PathLike[str]) -> tuple[Encoder, Manifest]:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises several types for a malformed or unsafe pickle
         raise BundleError(f"{weights}: cannot be loaded with weights_only=True: {exc}") from exc
-    encoder = Encoder(manifest.frontend, manifest.network, manifest.window)
-    load_state_strict(encoder, state, source=str(weights))
+    encoder = ARCHITECTURES[manifest.architecture].build(manifest.frontend, manifest.network, manifest.window)
+    load_state_strict(encoder, state, source=str(weights), error=BundleError)
     encoder.eval()
     _probe(encoder, manifest)
     return encoder, manifest
 
 
-def load_state_strict(module: torch.nn.Module, state: Any, *, source: str) -> None:
-    """Load ``state`` into ``module`` only if keys and shapes match exactly; else list the differences."""
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise BundleError(f"{source}: expected a dict of tensors")
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise BundleError(f"{source}: missing keys {missing}; unexpected keys {unexpected}")
-    wrong = [f"{k}: {tuple(state[k].shape)} != {tuple(v.shape)}" for k, v in expected.items()
-             if state[k].shape != v.shape]
-    if wrong:
-        raise BundleError(f"{source}: shape mismatch: {wrong}")
-    module.load_state_dict(state, strict=True)
-
-
-def _probe(encoder: Encoder, manifest: Manifest) -> None:
+def _probe(encoder: ClipEncoder, manifest: Manifest) -> None:
     """Run one second of a fixed test signal through the encoder; refuse non-finite or wrong-sized output."""
     t = torch.arange(manifest.sample_rate) / manifest.sample_rate
     g = torch.Generator().manual_seed(0)
@@ -204,5 +220,5 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["FORMAT_VERSION", "BundleError", "Manifest", "load_bundle", "read_manifest",
+__all__ = ["ARCHITECTURES", "FORMAT_VERSION", "BundleError", "Manifest", "load_bundle", "read_manifest",
            "save_bundle"]

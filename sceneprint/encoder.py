@@ -7,9 +7,11 @@ the few-shot evaluation and the benchmarks all call it.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from sceneprint.cpmobile import CPMobile, CPMobileConfig
@@ -25,27 +27,37 @@ class WindowConfig:
     hop_seconds: float = 2.5
 
 
-class Encoder(nn.Module):
-    """Waveform (B, N) at ``frontend.sample_rate`` -> unit embeddings (B, D)."""
+class ClipEncoder(nn.Module):
+    """Waveform (B, N) at ``sample_rate`` -> unit embeddings (B, D); long clips are embedded over windows.
 
-    def __init__(self, frontend: LogMelConfig, network: CPMobileConfig, window: WindowConfig) -> None:
-        super().__init__()
-        self.frontend_config = frontend
-        self.network_config = network
-        self.window = window
-        self.frontend = LogMel(frontend)
-        self.network = CPMobile(network)
+    Every architecture a bundle can hold (``sceneprint.bundle.ARCHITECTURES``) is a subclass: the
+    windowing and aggregation of ``embed_clip`` exist once, whatever the network.
+    """
+
+    architecture: str = ""
+    frontend_config: Any
+    network_config: Any
+    window: WindowConfig
+    network: nn.Module  # the trainable network: its parameters are what a bundle counts
 
     @property
     def sample_rate(self) -> int:
-        return self.frontend_config.sample_rate
+        return int(self.frontend_config.sample_rate)
 
     @property
     def embedding_dim(self) -> int:
-        return self.network_config.embedding_dim
+        return int(self.network_config.embedding_dim)
+
+    def features(self, waveform: torch.Tensor) -> torch.Tensor:
+        """Waveforms (B, N) -> embeddings before L2 normalisation (B, D)."""
+        raise NotImplementedError
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        return self.network(self.frontend(waveform))
+        return F.normalize(self.features(waveform), dim=-1)  # (B, D) unit vectors
+
+    def macs_per_second(self) -> int:
+        """Network MACs for one second of audio (front-end FFTs not counted)."""
+        raise NotImplementedError
 
     def windows(self, waveform: np.ndarray) -> torch.Tensor:
         """Cut a mono waveform (N,) into windows (W, L); the last window ends at the clip's end."""
@@ -60,15 +72,43 @@ class Encoder(nn.Module):
         return torch.stack([x[s : s + size] for s in starts])  # (W, L)
 
     @torch.inference_mode()
-    def embed_clip(self, waveform: np.ndarray) -> np.ndarray:
-        """Embed one decoded clip (N,) -> (D,) unit vector, aggregating its windows."""
+    def window_features(self, waveform: np.ndarray) -> np.ndarray:
+        """Embeddings before normalisation of a decoded clip's windows (N,) -> (W, D)."""
         was_training = self.training
         self.eval()
         try:
-            window_embeddings = self(self.windows(waveform)).numpy()  # (W, D)
+            return self.features(self.windows(waveform)).numpy()
         finally:
             self.train(was_training)
-        return mean_direction(window_embeddings)
+
+    def embed_clip(self, waveform: np.ndarray) -> np.ndarray:
+        """Embed one decoded clip (N,) -> (D,) unit vector: the re-normalised mean of its windows' unit vectors."""
+        return mean_direction(self.window_features(waveform))
+
+
+class Encoder(ClipEncoder):
+    """The CP-Mobile student: log-mel front-end + CP-Mobile network."""
+
+    architecture = "cpmobile"
+    network: CPMobile
+
+    def __init__(self, frontend: LogMelConfig, network: CPMobileConfig, window: WindowConfig) -> None:
+        super().__init__()
+        self.frontend_config = frontend
+        self.network_config = network
+        self.window = window
+        self.frontend = LogMel(frontend)
+        self.network = CPMobile(network)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.network(self.frontend(waveform))  # CP-Mobile normalises its own output
+
+    def features(self, waveform: torch.Tensor) -> torch.Tensor:
+        return self.network.forward_features(self.frontend(waveform))
+
+    def macs_per_second(self) -> int:
+        frames = self.frontend_config.frames(self.sample_rate)
+        return count_macs(self.network, torch.zeros(1, 1, self.frontend_config.n_mels, frames))
 
 
 def count_macs(module: nn.Module, example: torch.Tensor) -> int:
@@ -102,8 +142,6 @@ def count_macs(module: nn.Module, example: torch.Tensor) -> int:
     return total
 
 
-def network_macs_per_second(encoder: Encoder) -> int:
+def network_macs_per_second(encoder: ClipEncoder) -> int:
     """Network MACs for one second of audio (the front-end's FFTs are not counted)."""
-    frames = encoder.frontend_config.frames(encoder.sample_rate)
-    example = torch.zeros(1, 1, encoder.frontend_config.n_mels, frames)
-    return count_macs(encoder.network, example)
+    return encoder.macs_per_second()

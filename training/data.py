@@ -10,8 +10,10 @@ import csv
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -71,7 +73,7 @@ def decode_file(root: Path, clip: ClipMeta, sample_rate: int) -> np.ndarray:
     return decode_clip((root / clip.filename).read_bytes(), sample_rate=sample_rate, limits=DEV_LIMITS).waveform
 
 
-def frontend_key(config: LogMelConfig) -> str:
+def frontend_key(config: Any) -> str:
     return hashlib.sha256(json.dumps(to_dict(config), sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -81,16 +83,28 @@ def cached_logmels(root: Path, clips: list[ClipMeta], config: LogMelConfig, cach
     The cache file name carries a hash of the front-end config, so features made with other settings
     are never reused.
     """
+    frontend = LogMel(config).eval()
+
+    def compute(wav: np.ndarray) -> np.ndarray:
+        return frontend(torch.from_numpy(wav).unsqueeze(0))[0, 0].numpy()  # (F, T)
+
+    return cached_features(root, clips, config, compute, cache_dir, prefix="logmel")
+
+
+def cached_features(root: Path, clips: list[ClipMeta], config: Any, compute: Callable[[np.ndarray], np.ndarray],
+                    cache_dir: Path, *, prefix: str) -> np.ndarray:
+    """``compute`` (a front-end: waveform at ``config.sample_rate`` -> (F, T)) of every clip, as float16 (N, F, T).
+
+    Computed once per front-end config (its hash is in the file name) and clip list.
+    """
     names = hashlib.sha256("\n".join(c.filename for c in clips).encode()).hexdigest()[:12]
-    path = cache_dir / f"logmel-{frontend_key(config)}-{names}.npy"
+    path = cache_dir / f"{prefix}-{frontend_key(config)}-{names}.npy"
     if path.is_file():
         return np.load(path)
-    frontend = LogMel(config).eval()
     out: list[np.ndarray] = []
     with torch.inference_mode():
-        for clip in tqdm(clips, desc="log-mel cache", unit="clip"):
-            wav = decode_file(root, clip, config.sample_rate)
-            out.append(frontend(torch.from_numpy(wav).unsqueeze(0))[0, 0].numpy().astype(np.float16))
+        for clip in tqdm(clips, desc=f"{prefix} cache", unit="clip"):
+            out.append(compute(decode_file(root, clip, config.sample_rate)).astype(np.float16))
     lengths = {x.shape[1] for x in out}
     if len(lengths) != 1:
         raise ValueError(f"clips have different lengths {sorted(lengths)}; the cache expects equal lengths")

@@ -1,57 +1,150 @@
-"""Evaluate an encoder on the held-out classes of the fixed split, from decoded audio.
+"""Evaluate any encoder bundle the way the product is used: few-shot episodes from decoded audio.
 
-Embeddings are computed by ``Encoder.embed_clip`` on clips decoded by ``decode_clip``, the path the
-service takes, so the figures describe what a user gets.
+Embeddings are computed by the encoder's own window path on clips decoded by ``decode_clip`` (the
+service's path), for any folder ``sceneprint.training.datasets`` reads (meta.csv, folder per class,
+TAU 2022 Mobile, TUT 2017). Supports and queries always come from different recordings.
 
-    python -m sceneprint.training.evaluate models/sceneprint-default --update
+    sceneprint evaluate --bundle models/sceneprint-default --data ../shared/data/sceneprint-dev \\
+        --split fewshot-v1 --json out.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
+from sceneprint.audio import ClipLimits, decode_clip
 from sceneprint.bundle import MANIFEST, load_bundle
-from sceneprint.encoder import Encoder
-from sceneprint.training.data import (
-    ClipMeta,
-    FewShotSplit,
-    cached_logmels,
-    decode_file,
-    dev_data_root,
-    load_meta,
-    load_split,
-)
-from sceneprint.training.fewshot import evaluate, logmel_statistics, open_set
+from sceneprint.encoder import ClipEncoder
+from sceneprint.frontend import LogMel, LogMelConfig
+from sceneprint.prototypes import l2_normalize
+from sceneprint.training.data import ClipMeta, FewShotSplit, cached_logmels, decode_file
+from sceneprint.training.datasets import LabelledClip, read_dataset
+from sceneprint.training.fewshot import Probe, evaluate, logmel_statistics, open_set
 
 PROTOCOL = ("episodes over the 10 held-out classes of splits/fewshot-v1.json; supports and queries from different "
             "recordings (source_id); 15 queries per class; nearest prototype by cosine; embeddings from decoded audio "
-            "through Encoder.embed_clip, as the service computes them; mean accuracy with 95% CI over episodes "
+            "through the encoder's window path, as the service computes them; mean accuracy with 95% CI over episodes "
             "(seed 0)")
+# Evaluation data may hold clips of any length a recording has.
+EVAL_LIMITS = ClipLimits(min_seconds=0.1, max_seconds=600.0)
+GRID_SHOTS = (1, 5, 10, 20)
+PROBE_ORDER: tuple[Probe, ...] = ("prototype", "logreg")
 
 
-def embed_clips(encoder: Encoder, root: Path, clips: list[ClipMeta]) -> np.ndarray:
-    """(N, D) embeddings of dev clips, through the service's decode and embed path."""
+def embed_clips(encoder: ClipEncoder, root: Path, clips: list[ClipMeta]) -> np.ndarray:
+    """(N, D) unit embeddings of dev clips, through the service's decode and embed path."""
     encoder.eval()
     return np.stack([encoder.embed_clip(decode_file(root, c, encoder.sample_rate))
                      for c in tqdm(clips, desc="embedding clips", leave=False)])
 
 
-def heldout_report(encoder: Encoder, root: Path, meta: list[ClipMeta], split: FewShotSplit, *, episodes: int,
+def embed_dataset(encoder: ClipEncoder, clips: Sequence[LabelledClip]) -> tuple[np.ndarray, np.ndarray]:
+    """Unit embeddings (the service's) and embeddings before normalisation (a linear probe's) of ``clips``."""
+    encoder.eval()
+    unit, raw = [], []
+    for clip in tqdm(clips, desc="embedding clips", unit="clip"):
+        wav = decode_clip(clip.path.read_bytes(), sample_rate=encoder.sample_rate, limits=EVAL_LIMITS).waveform
+        windows = encoder.window_features(wav)  # (W, D)
+        unit.append(l2_normalize(l2_normalize(windows).mean(axis=0)))  # what embed_clip returns
+        raw.append(windows.mean(axis=0))
+    return np.stack(unit), np.stack(raw)
+
+
+def logmel_baseline(clips: Sequence[LabelledClip], config: LogMelConfig | None = None) -> np.ndarray:
+    """The log-mel statistics embedding (per-band mean and std, standardised over the set) of ``clips``."""
+    import torch
+
+    config = config or LogMelConfig()
+    frontend = LogMel(config).eval()
+    feats = []
+    with torch.inference_mode():
+        for clip in tqdm(clips, desc="log-mel statistics", unit="clip"):
+            wav = decode_clip(clip.path.read_bytes(), sample_rate=config.sample_rate, limits=EVAL_LIMITS).waveform
+            x = frontend(torch.from_numpy(wav).unsqueeze(0))[0, 0].numpy()  # (F, T)
+            feats.append(np.concatenate([x.mean(axis=1), x.std(axis=1)]))
+    f = np.stack(feats)
+    return (f - f.mean(axis=0)) / (f.std(axis=0) + 1e-6)
+
+
+def select_clips(root: Path, *, layout: str = "auto", split: str | None = None, subset: str | None = None
+                 ) -> list[LabelledClip]:
+    """The clips to evaluate on: the folder's, restricted to a split's held-out classes when one is named."""
+    clips = read_dataset(root, layout, subset=subset)
+    if split is None:
+        return clips
+    held = set(json.loads((root / "splits" / f"{split}.json").read_text(encoding="utf-8"))["heldout_classes"])
+    return [c for c in clips if c.label in held]
+
+
+def fewshot_figures(unit: np.ndarray, raw: np.ndarray, clips: Sequence[LabelledClip], *, shots: int, ways: int | None,
+                    episodes: int, seed: int, probe: Probe, grid: bool) -> dict[str, Any]:
+    """The JSON report: the chosen probe's figure, open-set AUROC, and (``grid``) every K, N and probe."""
+    labels, sources = [c.label for c in clips], [c.source_id for c in clips]
+    n_classes = len(set(labels))
+    ways = ways or n_classes
+
+    def run(k: int, n: int, p: Probe) -> dict[str, Any]:
+        emb = unit if p == "prototype" else raw
+        return evaluate(emb, labels, sources, n_way=n, k_shot=k, episodes=episodes, seed=seed, probe=p).as_dict()
+
+    chosen = run(shots, ways, probe)
+    report: dict[str, Any] = {
+        "few_shot": {"shots": shots, "ways": ways, "episodes": episodes, "accuracy": chosen["accuracy"],
+                     "ci95": chosen["ci95"], "probe": probe},
+        "clips": len(clips), "classes": n_classes, "seed": seed,
+    }
+    open_ways = min(5, n_classes // 2)
+    if open_ways >= 2:
+        report["open_set"] = {**open_set(unit, labels, sources, n_way=open_ways, k_shot=shots,
+                                         episodes=min(episodes, 500), seed=seed).as_dict(), "rule": "global threshold"}
+    if grid:
+        rows = []
+        for n in sorted({5, n_classes}):
+            for k in GRID_SHOTS:
+                for p in PROBE_ORDER:
+                    try:
+                        rows.append(run(k, n, p))
+                    except ValueError as exc:  # a class without enough recordings for this K
+                        rows.append({"probe": p, "n_way": n, "k_shot": k, "error": str(exc)})
+        report["grid"] = rows
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The report as a plain-text table for the terminal."""
+    lines = [f"{'probe':<10} {'ways':>4} {'shots':>5} {'accuracy':>9} {'ci95':>7}"]
+    rows = report.get("grid") or [{**report["few_shot"], "n_way": report["few_shot"]["ways"],
+                                   "k_shot": report["few_shot"]["shots"]}]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"{r['probe']:<10} {r['n_way']:>4} {r['k_shot']:>5}   n/a ({r['error']})")
+        else:
+            lines.append(f"{r['probe']:<10} {r['n_way']:>4} {r['k_shot']:>5} {100 * r['accuracy']:>8.1f}% "
+                         f"{100 * r['ci95']:>6.1f}")
+    if "open_set" in report:
+        lines.append(f"open-set AUROC ({report['open_set']['n_way']}-way enrolled): {report['open_set']['auroc']:.3f}")
+    return "\n".join(lines)
+
+
+def heldout_report(encoder: ClipEncoder, root: Path, meta: list[ClipMeta], split: FewShotSplit, *, episodes: int,
                    cache_dir: Path) -> dict[str, Any]:
-    """Few-shot and open-set figures on the held-out classes, with the log-mel statistics baseline."""
+    """Few-shot and open-set figures on the dev held-out classes, with the log-mel statistics baseline.
+
+    The figures a bundle's manifest carries (``sceneprint evaluate`` gives the same on any folder).
+    """
     held = [c for c in meta if c.label in split.heldout_classes]
     emb = embed_clips(encoder, root, held)
     labels, sources = [c.label for c in held], [c.source_id for c in held]
     fewshot = {f"{n}way_{k}shot": evaluate(emb, labels, sources, n_way=n, k_shot=k, episodes=episodes).as_dict()
                for n, k in [(5, 5), (5, 1), (10, 5)]}
     held_idx = np.array([i for i, c in enumerate(meta) if c.label in split.heldout_classes])
-    feats = cached_logmels(root, meta, encoder.frontend_config, cache_dir)[held_idx]
+    feats = cached_logmels(root, meta, LogMelConfig(), cache_dir)[held_idx]
     baseline = evaluate(logmel_statistics(feats), labels, sources, episodes=episodes).as_dict()
     return {
         "heldout_fewshot": fewshot,
@@ -61,28 +154,33 @@ def heldout_report(encoder: Encoder, root: Path, meta: list[ClipMeta], split: Fe
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("bundle", type=Path)
-    parser.add_argument("--data", default=None, help="sceneprint-dev folder (default: $SCENEPRINT_DEV_DATA)")
-    parser.add_argument("--episodes", type=int, default=2000)
-    parser.add_argument("--cache-dir", type=Path, default=Path("cache"))
-    parser.add_argument("--update", action="store_true", help="merge the figures into the bundle's manifest")
-    args = parser.parse_args()
-    encoder, _ = load_bundle(args.bundle)
-    root = dev_data_root(args.data)
-    report = heldout_report(encoder, root, load_meta(root), load_split(root), episodes=args.episodes,
-                            cache_dir=args.cache_dir)
-    print(json.dumps(report, indent=2))
-    if args.update:
-        # Only the manifest's evaluation section changes; the weights and their hash do not.
-        path = args.bundle / MANIFEST
-        data = json.loads(path.read_text())
-        data["evaluation"].update(report)
-        path.write_text(json.dumps(data, indent=2) + "\n")
-        load_bundle(args.bundle)  # still loads
-        print(f"updated {path}")
+def run_evaluate(*, bundle: Path | None, baseline: str | None, data: Path, layout: str, split: str | None,
+                 subset: str | None, shots: int, ways: int | None, episodes: int, seed: int, probe: Probe,
+                 grid: bool) -> dict[str, Any]:
+    """What ``sceneprint evaluate`` does; returns the JSON report."""
+    clips = select_clips(data, layout=layout, split=split, subset=subset)
+    if not clips:
+        raise ValueError(f"no clips to evaluate in {data}")
+    if bundle is not None:
+        encoder, manifest = load_bundle(bundle)
+        unit, raw = embed_dataset(encoder, clips)
+        source = {"bundle": str(bundle), "model_version": manifest.model_version,
+                  "architecture": manifest.architecture}
+    elif baseline == "logmel-stats":
+        raw = logmel_baseline(clips)
+        unit = l2_normalize(raw)
+        source = {"baseline": "log-mel statistics (per-band mean and std, standardised)"}
+    else:
+        raise ValueError("give --bundle, or --baseline logmel-stats")
+    report = fewshot_figures(unit, raw, clips, shots=shots, ways=ways, episodes=episodes, seed=seed, probe=probe,
+                             grid=grid)
+    return {**source, "data": str(data), "split": split, **report}
 
 
-if __name__ == "__main__":
-    main()
+def update_manifest(bundle: Path, figures: dict[str, Any]) -> None:
+    """Merge ``figures`` into the bundle manifest's evaluation section (weights and their hash unchanged)."""
+    path = bundle / MANIFEST
+    data = json.loads(path.read_text())
+    data["evaluation"].update(figures)
+    path.write_text(json.dumps(data, indent=2) + "\n")
+    load_bundle(bundle)  # still loads

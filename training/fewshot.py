@@ -11,14 +11,19 @@ import math
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 
 from sceneprint.prototypes import l2_normalize, prototype
 
+Probe = Literal["prototype", "logreg"]
+PROBES: tuple[str, ...] = ("prototype", "logreg")
+
 
 @dataclass(frozen=True)
 class FewShotResult:
+    probe: str
     n_way: int
     k_shot: int
     episodes: int
@@ -26,8 +31,8 @@ class FewShotResult:
     accuracy: float  # mean over episodes
     ci95: float  # half-width of the 95% confidence interval over episodes
 
-    def as_dict(self) -> dict[str, float | int]:
-        return {"n_way": self.n_way, "k_shot": self.k_shot, "episodes": self.episodes,
+    def as_dict(self) -> dict[str, float | int | str]:
+        return {"probe": self.probe, "n_way": self.n_way, "k_shot": self.k_shot, "episodes": self.episodes,
                 "queries_per_class": self.queries_per_class, "accuracy": round(self.accuracy, 4),
                 "ci95": round(self.ci95, 4)}
 
@@ -67,12 +72,17 @@ def sample_episode(
 
 def evaluate(
     embeddings: np.ndarray, labels: Sequence[str], sources: Sequence[str], *, n_way: int = 5, k_shot: int = 5,
-    queries_per_class: int = 15, episodes: int = 1000, seed: int = 0,
+    queries_per_class: int = 15, episodes: int = 1000, seed: int = 0, probe: Probe = "prototype",
 ) -> FewShotResult:
-    """Mean accuracy over random episodes of nearest-prototype classification.
+    """Mean accuracy over random episodes, classified by ``probe``.
+
+    ``prototype`` is the service's rule (cosine to the re-normalised mean of the supports' unit
+    vectors); ``logreg`` is the paper's linear probe (logistic regression fitted on each episode's
+    supports, standardised by their statistics). The same seed gives the same episodes for both.
 
     Args:
-        embeddings: (N, D) clip embeddings (normalised here).
+        embeddings: (N, D) clip embeddings: for ``prototype`` they are normalised here; for ``logreg``
+            pass the embeddings before normalisation.
         labels: Class of each clip.
         sources: Recording id of each clip (supports and queries never share one).
         n_way: Classes per episode.
@@ -80,26 +90,42 @@ def evaluate(
         queries_per_class: Queries per class per episode (fewer where a class has fewer clips left).
         episodes: Number of episodes.
         seed: Seed of the episode sampler, so different models meet the same episodes.
+        probe: ``prototype`` or ``logreg``.
 
     Returns:
         Accuracy with a 95% confidence interval.
     """
-    emb = l2_normalize(embeddings)
+    if probe not in PROBES:
+        raise ValueError(f"probe must be one of {PROBES}, not {probe!r}")
+    emb = l2_normalize(embeddings) if probe == "prototype" else np.asarray(embeddings, dtype=np.float64)
     rng = np.random.default_rng(seed)
     accs = []
     for _ in range(episodes):
         episode = sample_episode(labels, sources, rng, n_way=n_way, k_shot=k_shot,
                                  queries_per_class=queries_per_class)
-        protos = np.stack([prototype(emb[s]) for _, s, _ in episode])  # (n_way, D)
-        correct = total = 0
-        for cls_idx, (_, _, query) in enumerate(episode):
-            pred = (emb[query] @ protos.T).argmax(axis=1)
-            correct += int((pred == cls_idx).sum())
-            total += len(query)
-        accs.append(correct / total)
+        queries = np.concatenate([q for _, _, q in episode])
+        truth = np.concatenate([np.full(len(q), c) for c, (_, _, q) in enumerate(episode)])
+        if probe == "prototype":
+            protos = np.stack([prototype(emb[s]) for _, s, _ in episode])  # (n_way, D)
+            pred = (emb[queries] @ protos.T).argmax(axis=1)
+        else:
+            pred = logreg_predict(emb, episode, queries)
+        accs.append(float((pred == truth).mean()))
     a = np.asarray(accs)
-    return FewShotResult(n_way=n_way, k_shot=k_shot, episodes=episodes, queries_per_class=queries_per_class,
-                         accuracy=float(a.mean()), ci95=float(1.96 * a.std(ddof=1) / math.sqrt(len(a))))
+    ci95 = float(1.96 * a.std(ddof=1) / math.sqrt(len(a)))
+    return FewShotResult(probe=probe, n_way=n_way, k_shot=k_shot, episodes=episodes,
+                         queries_per_class=queries_per_class, accuracy=float(a.mean()), ci95=ci95)
+
+
+def logreg_predict(emb: np.ndarray, episode: list[tuple[str, list[int], list[int]]], queries: np.ndarray) -> np.ndarray:
+    """Class index per query from logistic regression fitted on the episode's supports."""
+    from sklearn.linear_model import LogisticRegression
+
+    support = np.concatenate([s for _, s, _ in episode])
+    y = np.concatenate([np.full(len(s), c) for c, (_, s, _) in enumerate(episode)])
+    mean, std = emb[support].mean(axis=0), emb[support].std(axis=0) + 1e-6
+    model = LogisticRegression(max_iter=1000).fit((emb[support] - mean) / std, y)
+    return np.asarray(model.predict((emb[queries] - mean) / std))
 
 
 def logmel_statistics(logmels: np.ndarray) -> np.ndarray:

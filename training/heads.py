@@ -18,3 +18,14 @@ class CosineClassifier(nn.Module):
     def forward(self, embedding: torch.Tensor) -> torch.Tensor:
         # (B, D) x (C, D) -> (B, C)
         return self.scale * F.normalize(embedding, dim=-1) @ F.normalize(self.weight, dim=-1).T
+
+
+class ProjectionMLP(nn.Module):
+    """Two-layer MLP (Linear-ReLU-Linear) mapping an embedding to the contrastive space."""
+
+    def __init__(self, in_dim: int, hidden: int, out_dim: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, out_dim)

@@ -33,6 +33,7 @@ from sceneprint.training.data import ClipMeta, FewShotSplit, cached_logmels, dev
 from sceneprint.training.evaluate import embed_clips, heldout_report
 from sceneprint.training.fewshot import evaluate
 from sceneprint.training.heads import CosineClassifier
+from sceneprint.training.schedule import lr_at
 
 
 @dataclass(frozen=True)
@@ -76,13 +77,6 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
-
-
-def lr_at(step: int, total: int, warmup: int, base: float) -> float:
-    """Linear warm-up then cosine decay to zero."""
-    if step < warmup:
-        return base * (step + 1) / warmup
-    return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
 
 
 def random_crops(feats: np.ndarray, idx: np.ndarray, frames: int, rng: np.random.Generator) -> torch.Tensor:
