@@ -148,7 +148,8 @@ def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
         found = data.get("format_version") if isinstance(data, dict) else None
         raise BundleError(f"{path}: format_version {found!r} is not supported (readable: {READABLE_VERSIONS})")
     if data["format_version"] == 1:
-        data = {**data, "architecture": "cpmobile"}  # version 1 knew one architecture
+        # Version 1 knew one architecture, with the normalisation inside the head convolution.
+        data = {**data, "architecture": "cpmobile", "network": {**data.get("network", {}), "output_norm": "head"}}
     arch = ARCHITECTURES.get(data.get("architecture"))  # type: ignore[arg-type]
     if arch is None:
         raise BundleError(f"{path}: architecture {data.get('architecture')!r} is not one of {sorted(ARCHITECTURES)}")

@@ -82,6 +82,15 @@ def train_teacher(config: ConfigFile, overrides: Overrides = None, out: OutDir =
     train_teacher(_load_config(TeacherConfig, config, overrides), out, export)
 
 
+@train_app.command("student")
+def train_student(config: ConfigFile, overrides: Overrides = None, out: OutDir = Path("runs/student"),
+                  export: Export = None) -> None:
+    """Stage 2: distil the teacher into a CP-Mobile student (CE + KD + CRD). Runs under torchrun too."""
+    from sceneprint.training.student import StudentConfig, train_student
+
+    train_student(_load_config(StudentConfig, config, overrides), out, export)
+
+
 @app.command()
 def evaluate(
     data: Annotated[Path, typer.Option(help="Dataset folder: meta.csv, folder per class, TAU 2022 or TUT 2017.")],

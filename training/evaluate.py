@@ -142,14 +142,15 @@ def heldout_report(encoder: ClipEncoder, root: Path, meta: list[ClipMeta], split
     emb = embed_clips(encoder, root, held)
     labels, sources = [c.label for c in held], [c.source_id for c in held]
     fewshot = {f"{n}way_{k}shot": evaluate(emb, labels, sources, n_way=n, k_shot=k, episodes=episodes).as_dict()
-               for n, k in [(5, 5), (5, 1), (10, 5)]}
+               for n, k in [(5, 5), (5, 1), (10, 5)] if n <= len(set(labels))}
     held_idx = np.array([i for i, c in enumerate(meta) if c.label in split.heldout_classes])
     feats = cached_logmels(root, meta, LogMelConfig(), cache_dir)[held_idx]
     baseline = evaluate(logmel_statistics(feats), labels, sources, episodes=episodes).as_dict()
     return {
         "heldout_fewshot": fewshot,
         "heldout_fewshot_logmel_stats_baseline_5way_5shot": baseline,
-        "heldout_open_set_5way_5shot": open_set(emb, labels, sources, episodes=min(episodes, 500)).as_dict(),
+        "heldout_open_set_5way_5shot": open_set(emb, labels, sources, n_way=min(5, len(set(labels)) // 2),
+                                                episodes=min(episodes, 500)).as_dict(),
         "protocol": PROTOCOL,
     }
 

@@ -1,0 +1,116 @@
+"""The paper's comparison on our data: train every variant with the same seeds and split, evaluate each alike.
+
+Each run is ``sceneprint train student`` with a base config and overrides, exported as a bundle, then
+``sceneprint evaluate`` on the dev held-out classes (both probes, 5-way and 10-way 5-shot, the same
+episodes for every run). Finished runs (their ``eval.json`` exists) are skipped, so the runner can be
+stopped and started again; runs go ``--parallel`` at a time, one torch thread each.
+
+    python -m sceneprint.training.ablation --runs contrastasc-60k-s0 ftkd-60k-s0 --parallel 2
+    python -m sceneprint.training.ablation --list
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+CONFIGS = Path(__file__).parent / "configs"
+CONTRASTASC = str(CONFIGS / "student-contrastasc.json")  # SupCon teacher + KD + CRD
+FTKD = str(CONFIGS / "student-ce-kd.json")  # CE teacher + KD: the conventional baseline
+
+# name -> (base config, overrides)
+RUNS: dict[str, tuple[str, list[str]]] = {
+    **{f"contrastasc-{size}-s{seed}": (CONTRASTASC, [f"model=cpmobile_{size}", f"seed={seed}"])
+       for size in ("60k", "110k") for seed in (0, 1, 2)},
+    **{f"ftkd-{size}-s{seed}": (FTKD, [f"model=cpmobile_{size}", f"seed={seed}"])
+       for size in ("60k", "110k") for seed in (0, 1, 2)},
+    "supcon-kd-60k-s0": (CONTRASTASC, ["loss.gamma=0"]),
+    "ce-crd-60k-s0": (FTKD, ["loss.gamma=0.1"]),
+    "contrastasc-60k-outbatch-s0": (CONTRASTASC, ["output_norm=batch"]),
+    "contrastasc-60k-outnone-s0": (CONTRASTASC, ["output_norm=none"]),
+    "contrastasc-6k-s0": (CONTRASTASC, ["model=cpmobile_6k"]),
+    "student-alone-60k-s0": (CONTRASTASC, ['teacher=""', "loss.alpha=1", "loss.beta=0", "loss.gamma=0"]),
+}
+EVALS = [("prototype", 5), ("logreg", 5), ("prototype", 10), ("logreg", 10)]
+
+
+def run_dir(out: Path, name: str) -> Path:
+    return out / name
+
+
+def command(name: str, out: Path, overrides: list[str]) -> list[str]:
+    config, extra = RUNS[name]
+    d = run_dir(out, name)
+    return [sys.executable, "-m", "sceneprint.cli", "train", "student", config, *extra, "threads=1",
+            f"model_version=ablation-{name}", *overrides, "--out", str(d), "--export", str(d / "bundle")]
+
+
+def evaluate_run(name: str, out: Path, data: Path, episodes: int) -> dict[str, Any]:
+    """Both probes, 5- and 10-way 5-shot, on the dev held-out classes, the same episodes for every run."""
+    d = run_dir(out, name)
+    figures: dict[str, Any] = {}
+    for probe, ways in EVALS:
+        path = d / f"eval-{probe}-{ways}way.json"
+        subprocess.run([sys.executable, "-m", "sceneprint.cli", "evaluate", "--bundle", str(d / "bundle"),
+                        "--data", str(data), "--split", "fewshot-v1", "--ways", str(ways), "--shots", "5",
+                        "--episodes", str(episodes), "--probe", probe, "--json", str(path)],
+                       check=True, env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
+        figures[f"{probe}_{ways}way_5shot"] = json.loads(path.read_text())
+    manifest = json.loads((d / "bundle" / "manifest.json").read_text())
+    result = {"name": name, "parameter_count": manifest["parameter_count"],
+              "macs_per_second": manifest["macs_per_second"], "config": RUNS[name][0], "overrides": RUNS[name][1],
+              **{k: {"accuracy": v["few_shot"]["accuracy"], "ci95": v["few_shot"]["ci95"],
+                     "auroc": v.get("open_set", {}).get("auroc")} for k, v in figures.items()}}
+    (d / "eval.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--runs", nargs="*", default=[], help="run names (see --list)")
+    parser.add_argument("--list", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("runs/ablation"))
+    parser.add_argument("--data", type=Path, default=Path(os.environ.get("SCENEPRINT_DEV_DATA",
+                                                                         "../shared/data/sceneprint-dev")))
+    parser.add_argument("--parallel", type=int, default=2)
+    parser.add_argument("--episodes", type=int, default=500)
+    parser.add_argument("overrides", nargs="*", help="section.key=value applied to every run (e.g. optim.epochs=60)")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, (config, extra) in RUNS.items():
+            print(f"{name:32s} {Path(config).name} {' '.join(extra)}")
+        return
+    unknown = [r for r in args.runs if r not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown runs {unknown}; see --list")
+    pending = [r for r in args.runs if not (run_dir(args.out, r) / "eval.json").is_file()]
+    running: dict[str, subprocess.Popen[bytes]] = {}
+    while pending or running:
+        while pending and len(running) < args.parallel:
+            name = pending.pop(0)
+            d = run_dir(args.out, name)
+            d.mkdir(parents=True, exist_ok=True)
+            log = (d / "train.log").open("ab")
+            running[name] = subprocess.Popen(command(name, args.out, args.overrides), stdout=log,
+                                             stderr=subprocess.STDOUT, env={**os.environ, "TQDM_DISABLE": "1"})
+            print(f"started {name}", flush=True)
+        for name, proc in list(running.items()):
+            if proc.poll() is None:
+                continue
+            del running[name]
+            if proc.returncode != 0:
+                print(f"{name} failed ({proc.returncode}); see {run_dir(args.out, name) / 'train.log'}", flush=True)
+                continue
+            result = evaluate_run(name, args.out, args.data, args.episodes)
+            print(f"{name}: 5-way 5-shot {100 * result['prototype_5way_5shot']['accuracy']:.1f}%", flush=True)
+        time.sleep(5)
+
+
+if __name__ == "__main__":
+    main()
