@@ -1,4 +1,4 @@
-"""The student stage on generated audio: a one-epoch run, the output-norm variants, and DDP agreeing with one process."""
+"""The student stage on generated audio: a one-epoch run, output-norm variants, DDP agreeing with one process."""
 
 from __future__ import annotations
 
