@@ -47,7 +47,7 @@ def test_manifest_describes_everything_needed_to_rebuild(bundle: Path) -> None:
     for key in ["format_version", "model_version", "created_at", "sample_rate", "embedding_dim", "parameter_count",
                 "macs_per_second", "frontend", "network", "window", "weights_sha256", "training", "evaluation"]:
         assert key in data
-    assert data["frontend"]["hop_length"] and data["network"]["norm"] == "layer"
+    assert data["frontend"]["hop_length"] and data["network"]["norm"] == "batch" and data["network"]["output_norm"] == "layer"
 
 
 def test_tampered_weights_are_refused(bundle: Path, tmp_path: Path) -> None:
@@ -76,10 +76,10 @@ def test_unexpected_and_missing_keys_are_listed(bundle: Path, tmp_path: Path) ->
     other = copy(bundle, tmp_path)
     state = torch.load(other / WEIGHTS, weights_only=True)
     state["network.extra.weight"] = torch.zeros(1)
-    del state["network.head.0.weight"]
+    del state["network.head.weight"]
     torch.save(state, other / WEIGHTS)
     rewrite_manifest(other, weights_sha256=sha256_file(other / WEIGHTS))
-    with pytest.raises(BundleError, match=r"missing keys \['network.head.0.weight'\].*network.extra.weight"):
+    with pytest.raises(BundleError, match=r"missing keys \['network.head.weight'\].*network.extra.weight"):
         load_bundle(other)
 
 
@@ -97,7 +97,7 @@ def test_non_finite_output_is_refused(tmp_path: Path) -> None:
 
     encoder = Encoder(LogMelConfig(), preset("cpmobile_6k"), WindowConfig())
     with torch.no_grad():
-        encoder.network.head[0].weight.fill_(float("nan"))
+        encoder.network.head.weight.fill_(float("nan"))
     save_bundle(tmp_path / "nan", encoder, model_version="nan", training={}, evaluation={})
     with pytest.raises(BundleError, match="non-finite"):
         load_bundle(tmp_path / "nan")
@@ -116,3 +116,35 @@ def test_unknown_manifest_keys_and_versions_are_refused(bundle: Path, tmp_path: 
 def test_a_missing_bundle_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(BundleError, match="not a Sceneprint bundle"):
         load_bundle(tmp_path / "nothing")
+
+
+def test_manifest_names_its_architecture_and_an_unknown_one_is_refused(bundle: Path) -> None:
+    assert read_manifest(bundle).architecture == "cpmobile"
+    rewrite_manifest(bundle, architecture="wav2vec")
+    with pytest.raises(BundleError, match="architecture 'wav2vec' is not one of"):
+        read_manifest(bundle)
+
+
+def test_format_1_bundles_still_load_with_their_head_layout(tmp_path: Path) -> None:
+    # A format-1 bundle: CP-Mobile, no architecture field, normalisation inside the head convolution.
+    b = make_bundle(tmp_path / "v1", output_norm="head")
+    data = json.loads((b / MANIFEST).read_text())
+    del data["architecture"], data["network"]["output_norm"]
+    data["format_version"] = 1
+    (b / MANIFEST).write_text(json.dumps(data))
+    encoder, manifest = load_bundle(b)
+    assert manifest.format_version == 1 and manifest.architecture == "cpmobile"
+    assert manifest.network.output_norm == "head"
+    assert encoder.embed_clip(af.noise(2.0)).shape == (48,)
+
+
+def test_a_beats_encoder_is_a_bundle_too(tmp_path: Path) -> None:
+    from sceneprint.beats import BEATsEncoder, BEATsFrontendConfig, beats_tiny
+    from sceneprint.encoder import WindowConfig
+
+    encoder = BEATsEncoder(BEATsFrontendConfig(), beats_tiny(), WindowConfig()).eval()
+    save_bundle(tmp_path / "beats", encoder, model_version="beats-tiny", training={}, evaluation={})
+    loaded, manifest = load_bundle(tmp_path / "beats")
+    assert manifest.architecture == "beats" and manifest.sample_rate == 16_000
+    clip = af.noise(3.0, rate=16_000)
+    np.testing.assert_allclose(loaded.embed_clip(clip), encoder.embed_clip(clip), atol=1e-6)
