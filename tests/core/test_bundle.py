@@ -47,7 +47,8 @@ def test_manifest_describes_everything_needed_to_rebuild(bundle: Path) -> None:
     for key in ["format_version", "model_version", "created_at", "sample_rate", "embedding_dim", "parameter_count",
                 "macs_per_second", "frontend", "network", "window", "weights_sha256", "training", "evaluation"]:
         assert key in data
-    assert data["frontend"]["hop_length"] and data["network"]["norm"] == "batch" and data["network"]["output_norm"] == "layer"
+    assert data["frontend"]["hop_length"] and data["network"]["norm"] == "batch"
+    assert data["network"]["output_norm"] == "layer"
 
 
 def test_tampered_weights_are_refused(bundle: Path, tmp_path: Path) -> None:
