@@ -1,6 +1,7 @@
-"""The plain supervised recipe for the bundled default encoder.
+"""The plain supervised recipe: the student alone, no teacher (the format-1 default model's recipe).
 
-CP-Mobile (LayerNorm) + cosine classifier trained with cross-entropy on random 1 s log-mel crops
+CP-Mobile (BatchNorm blocks, LayerNorm on the pooled embedding: the ContrastASC placement) + cosine
+classifier trained with cross-entropy on random 1 s log-mel crops
 (mixup, SpecAugment-style masks), on the training classes of the fixed few-shot split. Few-shot
 accuracy on the held-out classes is measured through ``Encoder.embed_clip`` on decoded audio,
 the exact path the service uses.
@@ -26,11 +27,11 @@ from tqdm import tqdm
 
 from sceneprint.bundle import save_bundle
 from sceneprint.config import apply_overrides, to_dict
-from sceneprint.cpmobile import Norm, parameter_count, preset
+from sceneprint.cpmobile import Norm, OutputNorm, parameter_count, preset
 from sceneprint.encoder import Encoder, WindowConfig, network_macs_per_second
 from sceneprint.frontend import LogMelConfig
 from sceneprint.training.data import ClipMeta, FewShotSplit, cached_logmels, dev_data_root, load_meta, load_split
-from sceneprint.training.evaluate import embed_clips, heldout_report
+from sceneprint.training.evaluate import heldout_report
 from sceneprint.training.fewshot import evaluate
 from sceneprint.training.heads import CosineClassifier
 from sceneprint.training.schedule import lr_at
@@ -64,7 +65,8 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = "cpmobile_60k"
-    norm: Norm = "layer"
+    norm: Norm = "batch"
+    output_norm: OutputNorm = "layer"
     head_scale: float = 16.0
     seed: int = 0
     threads: int = 2
@@ -110,10 +112,12 @@ def augment(x: torch.Tensor, cfg: AugmentConfig, norm_std: float, rng: np.random
 
 
 @torch.inference_mode()
-def embed_full(encoder: Encoder, feats: np.ndarray, idx: np.ndarray) -> torch.Tensor:
-    """Network embeddings of whole cached clips (used for the quick in-training evaluations)."""
+def embed_full(encoder: Encoder, feats: np.ndarray, idx: np.ndarray, *, head_input: bool = False) -> torch.Tensor:
+    """Embeddings of whole cached clips (quick in-training evaluations): the unit embedding, or (``head_input``)
+    the output-normalised one the classifier head reads."""
     encoder.eval()
-    out = [encoder.network(torch.from_numpy(feats[idx[i : i + 64]].astype(np.float32)).unsqueeze(1))
+    net = encoder.network.forward_normalized if head_input else encoder.network
+    out = [net(torch.from_numpy(feats[idx[i : i + 64]].astype(np.float32)).unsqueeze(1))
            for i in range(0, len(idx), 64)]
     return torch.cat(out)
 
@@ -138,7 +142,7 @@ def train(cfg: TrainConfig, out_dir: Path, export: Path | None) -> dict[str, Any
     held_labels = [meta[i].label for i in held_idx]
     held_sources = [meta[i].source_id for i in held_idx]
 
-    encoder = Encoder(cfg.frontend, preset(cfg.model, cfg.norm), cfg.window)
+    encoder = Encoder(cfg.frontend, preset(cfg.model, cfg.norm, cfg.output_norm), cfg.window)
     head = CosineClassifier(encoder.embedding_dim, len(classes), cfg.head_scale)
     params = list(encoder.network.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
@@ -177,7 +181,7 @@ def train(cfg: TrainConfig, out_dir: Path, export: Path | None) -> dict[str, Any
             for g in opt.param_groups:
                 g["lr"] = lr_at(epoch * steps_per_epoch + step, total_steps,
                                 cfg.optim.warmup_epochs * steps_per_epoch, cfg.optim.lr)
-            logits = head(encoder.network.forward_features(x))
+            logits = head(encoder.network.forward_normalized(x))
             loss = torch.sum(-y * F.log_softmax(logits, dim=-1), dim=-1).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -202,7 +206,7 @@ def train(cfg: TrainConfig, out_dir: Path, export: Path | None) -> dict[str, Any
                    ckpt_path.with_suffix(".tmp"))
         ckpt_path.with_suffix(".tmp").replace(ckpt_path)
 
-    results = final_eval(encoder, head, root, meta, labels, val_idx, split, cfg)
+    results = final_eval(encoder, head, feats, root, meta, labels, val_idx, split, cfg)
     results.update({"parameter_count": n_params, "macs_per_second": macs})
     (out_dir / "metrics.json").write_text(json.dumps(results, indent=2))
     if export is not None:
@@ -218,20 +222,19 @@ def quick_eval(encoder: Encoder, head: CosineClassifier, feats: np.ndarray, labe
                episodes: int) -> dict[str, float]:
     with torch.inference_mode():
         head.eval()
-        val_pred = head(embed_full(encoder, feats, val_idx)).argmax(1).numpy()
+        val_pred = head(embed_full(encoder, feats, val_idx, head_input=True)).argmax(1).numpy()
         held = embed_full(encoder, feats, held_idx).numpy()
     fs = evaluate(held, held_labels, held_sources, episodes=episodes)
     return {"val_acc": float((val_pred == labels[val_idx]).mean()), "heldout_5w5s": fs.accuracy}
 
 
-def final_eval(encoder: Encoder, head: CosineClassifier, root: Path, meta: list[ClipMeta], labels: np.ndarray,
-               val_idx: np.ndarray, split: FewShotSplit, cfg: TrainConfig) -> dict[str, Any]:
-    """Closed-set accuracy on the validation recordings, few-shot and open-set figures on the held-out
-    classes; all from decoded audio through ``Encoder.embed_clip`` (the service's path)."""
+def final_eval(encoder: Encoder, head: CosineClassifier, feats: np.ndarray, root: Path, meta: list[ClipMeta],
+               labels: np.ndarray, val_idx: np.ndarray, split: FewShotSplit, cfg: TrainConfig) -> dict[str, Any]:
+    """Closed-set accuracy on the validation recordings (the training head, on whole cached clips); few-shot
+    and open-set figures on the held-out classes from decoded audio through ``Encoder.embed_clip``."""
     head.eval()
     with torch.inference_mode():
-        val_emb = torch.from_numpy(embed_clips(encoder, root, [meta[i] for i in val_idx]))
-        val_pred = head(val_emb).argmax(1).numpy()
+        val_pred = head(embed_full(encoder, feats, val_idx, head_input=True)).argmax(1).numpy()
     return {
         "closed_set_val_accuracy": round(float((val_pred == labels[val_idx]).mean()), 4),
         "closed_set_val_clips": len(val_idx),
