@@ -89,6 +89,9 @@ class LossConfig:
     crd_temperature: float = 0.07
     crd_negatives: int = 4096
     crd_momentum: float = 0.5
+    # CRD's teacher side: the frozen stage-1 projection (the paper), or the backbone's 1,024-d embedding
+    # through a trainable linear map to 128 (Tian et al.'s original CRD).
+    crd_teacher: str = "projection"
 
 
 @dataclass(frozen=True)
@@ -119,6 +122,8 @@ class StudentConfig:
     def __post_init__(self) -> None:
         if self.data.classes not in ("train", "all"):
             raise ValueError(f"data.classes must be 'train' or 'all', not {self.data.classes!r}")
+        if self.loss.crd_teacher not in ("projection", "embedding"):
+            raise ValueError(f"loss.crd_teacher must be 'projection' or 'embedding', not {self.loss.crd_teacher!r}")
         if not self.teacher and (self.loss.beta or self.loss.gamma):
             raise ValueError("without a teacher, loss.beta and loss.gamma must be 0 (CE alone)")
 
@@ -132,6 +137,8 @@ class Student(nn.Module):
         d = self.encoder.embedding_dim
         self.classifier = CosineClassifier(d, n_classes, cfg.head_scale)
         self.projection = ProjectionMLP(d, cfg.projection_hidden, 128)
+        # Only for crd_teacher="embedding": the teacher side's trainable map (not part of the bundle).
+        self.teacher_embed = nn.Linear(1024, 128) if cfg.loss.crd_teacher == "embedding" else None
 
     def forward(self, logmel: torch.Tensor) -> dict[str, torch.Tensor]:
         """Log-mel crops (B, 1, F, T) -> logits (B, C) and CRD embedding (B, 128)."""
@@ -154,31 +161,33 @@ def load_teacher(run_dir: Path) -> tuple[Teacher, TeacherConfig, list[str]]:
 
 
 def teacher_targets(run_dir: Path, root: Path, meta: list[ClipMeta], hop: int, cache_dir: Path,
-                    positions: int) -> dict[str, np.ndarray]:
-    """Teacher logits (N, P, C) and projections (N, P, 128) at crop starts 0, hop, 2*hop, ... (P positions).
+                    positions: int, keys: tuple[str, ...] = ("logits", "projection")) -> dict[str, np.ndarray]:
+    """Teacher outputs at crop starts 0, hop, 2*hop, ... (P positions): ``keys`` of logits (N, P, C),
+    projection (N, P, 128) and embedding (N, P, 1024, the backbone's).
 
-    Cached per teacher checkpoint (by hash), hop and clip list.
+    Cached per teacher checkpoint (by hash), hop, outputs and clip list.
     """
     digest = sha256_file(run_dir / "checkpoint.pt")[:12]
     names = hashlib.sha256("\n".join(c.filename for c in meta).encode()).hexdigest()[:12]
-    path = cache_dir / f"teacher-{digest}-hop{hop}-p{positions}-{names}.npz"
+    suffix = "" if keys == ("logits", "projection") else "-" + "-".join(keys)
+    path = cache_dir / f"teacher-{digest}-hop{hop}-p{positions}-{names}{suffix}.npz"
     if path.is_file():
         with np.load(path) as z:
             return {k: z[k] for k in z.files}
     teacher, tcfg, _ = load_teacher(run_dir)
     feats = yamnet_logmels(root, meta, tcfg.frontend, cache_dir)  # (N, 64, T)
-    out: dict[str, list[np.ndarray]] = {"logits": [], "projection": []}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in keys}
     with torch.inference_mode():
         for i in tqdm(range(len(meta)), desc="teacher outputs", unit="clip"):
             x = torch.from_numpy(feats[i].T.astype(np.float32))  # (T, 64)
             patches = torch.stack([x[p * hop : p * hop + CROP_FRAMES] for p in range(positions)])  # (P, 96, 64)
             o = teacher(patches)
-            out["logits"].append(o["logits"].numpy().astype(np.float16))
-            out["projection"].append(o["projection"].numpy().astype(np.float16))
+            for k in keys:
+                out[k].append(o[k].numpy().astype(np.float16))
     result = {k: np.stack(v) for k, v in out.items()}
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, logits=result["logits"], projection=result["projection"])
+    np.savez(tmp, **result)  # type: ignore[arg-type]
     os.replace(tmp, path)
     return result
 
@@ -278,8 +287,9 @@ def load_training_data(cfg: StudentConfig) -> TrainingData:
     targets: dict[str, np.ndarray] = {}
     if cfg.teacher:
         positions = (feats.shape[2] - CROP_FRAMES) // cfg.teacher_hop_frames + 1
+        keys = ("logits", "projection") if cfg.loss.crd_teacher == "projection" else ("logits", "embedding")
         targets = teacher_targets(Path(cfg.teacher), root, meta, cfg.teacher_hop_frames, Path(cfg.data.cache_dir),
-                                  positions)
+                                  positions, keys)
         _, _, teacher_classes = load_teacher(Path(cfg.teacher))
         if teacher_classes != classes:
             # KD needs the teacher's logits over the student's classes, in the same order.
@@ -401,8 +411,11 @@ def step_loss(model: nn.Module, student: Student, batch: dict[str, torch.Tensor]
     labels = batch["labels"]
     targets = F.one_hot(labels.clamp_min(0), n_classes).float() * (labels >= 0).float().unsqueeze(1)
     lc = cfg.loss
+    teacher_side = batch.get("teacher_projection")
+    if student.teacher_embed is not None and "teacher_embedding" in batch:
+        teacher_side = student.teacher_embed(batch["teacher_embedding"])  # (B, 128); every rank alike
     return distill_loss(out["logits"], batch.get("teacher_logits"), targets, out["projection"],
-                        batch.get("teacher_projection"), batch["indices"], labels, memory,
+                        teacher_side, batch["indices"], labels, memory,
                         alpha=lc.alpha, beta=lc.beta, gamma=lc.gamma, kd_temperature=lc.kd_temperature,
                         crd_temperature=lc.crd_temperature, crd_k=lc.crd_negatives)
 
