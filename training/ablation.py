@@ -35,6 +35,12 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     "contrastasc-60k-outbatch-s0": (CONTRASTASC, ["output_norm=batch"]),
     "contrastasc-60k-outnone-s0": (CONTRASTASC, ["output_norm=none"]),
     "contrastasc-6k-s0": (CONTRASTASC, ["model=cpmobile_6k"]),
+    # Beyond the paper: also regress the teacher backbone's 1,024-d embedding (loss.embed_weight), or put
+    # CRD's teacher side on that embedding through a trainable map (Tian et al.'s original CRD).
+    **{f"embdistill-{size}-s{seed}": (CONTRASTASC, [f"model=cpmobile_{size}", f"seed={seed}",
+                                                   "loss.embed_weight=1.0"])
+       for size in ("60k", "110k") for seed in (0, 1, 2)},
+    "contrastasc-crdemb-60k-s0": (CONTRASTASC, ["loss.crd_teacher=embedding"]),
     "student-alone-60k-s0": (CONTRASTASC, ['teacher=""', "loss.alpha=1", "loss.beta=0", "loss.gamma=0"]),
 }
 EVALS = [("prototype", 5), ("logreg", 5), ("prototype", 10), ("logreg", 10)]

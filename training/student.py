@@ -92,6 +92,10 @@ class LossConfig:
     # CRD's teacher side: the frozen stage-1 projection (the paper), or the backbone's 1,024-d embedding
     # through a trainable linear map to 128 (Tian et al.'s original CRD).
     crd_teacher: str = "projection"
+    # Beyond the paper: regression of the teacher backbone's 1,024-d embedding (standardised per dimension)
+    # through a linear map from the student's embedding, as 1 - cosine. It carries what the teacher
+    # knows beyond the training classes, which KD (training-class logits) and a 128-d projection do not.
+    embed_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -139,11 +143,16 @@ class Student(nn.Module):
         self.projection = ProjectionMLP(d, cfg.projection_hidden, 128)
         # Only for crd_teacher="embedding": the teacher side's trainable map (not part of the bundle).
         self.teacher_embed = nn.Linear(1024, 128) if cfg.loss.crd_teacher == "embedding" else None
+        # Only for embed_weight > 0: the student's map to the teacher's 1,024-d embedding (not in the bundle).
+        self.embed_head = nn.Linear(d, 1024) if cfg.loss.embed_weight > 0 else None
 
     def forward(self, logmel: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Log-mel crops (B, 1, F, T) -> logits (B, C) and CRD embedding (B, 128)."""
+        """Log-mel crops (B, 1, F, T) -> logits (B, C), CRD embedding (B, 128) and, if used, (B, 1024)."""
         z = self.encoder.network.forward_normalized(logmel)  # (B, D) after the output normalisation
-        return {"logits": self.classifier(z), "projection": self.projection(z)}
+        out = {"logits": self.classifier(z), "projection": self.projection(z)}
+        if self.embed_head is not None:
+            out["embedding"] = self.embed_head(z)
+        return out
 
 
 # ---- the teacher's cached outputs ----
@@ -287,9 +296,16 @@ def load_training_data(cfg: StudentConfig) -> TrainingData:
     targets: dict[str, np.ndarray] = {}
     if cfg.teacher:
         positions = (feats.shape[2] - CROP_FRAMES) // cfg.teacher_hop_frames + 1
-        keys = ("logits", "projection") if cfg.loss.crd_teacher == "projection" else ("logits", "embedding")
+        keys: tuple[str, ...] = ("logits", "projection")
+        if cfg.loss.crd_teacher == "embedding" or cfg.loss.embed_weight > 0:
+            keys = ("logits", "projection", "embedding")
         targets = teacher_targets(Path(cfg.teacher), root, meta, cfg.teacher_hop_frames, Path(cfg.data.cache_dir),
                                   positions, keys)
+        if "embedding" in targets:
+            # Standardise each dimension over the training clips' crops (fixed constants for the run).
+            e = targets["embedding"][train_idx].astype(np.float32)
+            mean, std = e.mean(axis=(0, 1)), e.std(axis=(0, 1)) + 1e-3
+            targets["embedding"] = ((targets["embedding"].astype(np.float32) - mean) / std).astype(np.float16)
         _, _, teacher_classes = load_teacher(Path(cfg.teacher))
         if teacher_classes != classes:
             # KD needs the teacher's logits over the student's classes, in the same order.
@@ -350,7 +366,7 @@ def train_student(cfg: StudentConfig, out_dir: Path, export: Path | None = None)
     slices = max(world, cfg.ghost_batches)
     for epoch in range(start_epoch, o.epochs):
         student.train()
-        t0, sums, seen = time.time(), {"loss": 0.0, "ce": 0.0, "kd": 0.0, "crd": 0.0}, 0
+        t0, sums, seen = time.time(), {"loss": 0.0, "ce": 0.0, "kd": 0.0, "crd": 0.0, "embed": 0.0}, 0
         order = rng.permutation(samples)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{o.epochs}", leave=False, disable=rank != 0)
         for step in bar:
@@ -414,10 +430,16 @@ def step_loss(model: nn.Module, student: Student, batch: dict[str, torch.Tensor]
     teacher_side = batch.get("teacher_projection")
     if student.teacher_embed is not None and "teacher_embedding" in batch:
         teacher_side = student.teacher_embed(batch["teacher_embedding"])  # (B, 128); every rank alike
-    return distill_loss(out["logits"], batch.get("teacher_logits"), targets, out["projection"],
-                        teacher_side, batch["indices"], labels, memory,
-                        alpha=lc.alpha, beta=lc.beta, gamma=lc.gamma, kd_temperature=lc.kd_temperature,
-                        crd_temperature=lc.crd_temperature, crd_k=lc.crd_negatives)
+    losses = distill_loss(out["logits"], batch.get("teacher_logits"), targets, out["projection"],
+                          teacher_side, batch["indices"], labels, memory,
+                          alpha=lc.alpha, beta=lc.beta, gamma=lc.gamma, kd_temperature=lc.kd_temperature,
+                          crd_temperature=lc.crd_temperature, crd_k=lc.crd_negatives)
+    losses["embed"] = torch.zeros(())
+    if lc.embed_weight > 0:
+        cos = F.cosine_similarity(out["embedding"], batch["teacher_embedding"], dim=1)  # (B,)
+        losses["embed"] = (1 - cos).mean()
+        losses["loss"] = losses["loss"] + lc.embed_weight * losses["embed"]
+    return losses
 
 
 @torch.inference_mode()
