@@ -17,6 +17,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -75,9 +76,17 @@ class Manifest:
     weights_sha256: str
     training: dict[str, Any] = field(default_factory=dict)
     evaluation: dict[str, Any] = field(default_factory=dict)
+    # Best cosine score below which a clip is unknown, calibrated on held-out classes by training (None: not
+    # calibrated). The service reads it as its default unknown threshold.
+    unknown_threshold: float | None = None
 
     def to_json(self) -> dict[str, Any]:
         return to_dict(self)
+
+
+def default_bundle_path() -> Path:
+    """The bundled default encoder, shipped inside the package (``sceneprint.models``)."""
+    return Path(str(files("sceneprint.models"))) / "sceneprint-default"
 
 
 def sha256_file(path: Path) -> str:
@@ -95,6 +104,7 @@ def save_bundle(
     model_version: str,
     training: dict[str, Any],
     evaluation: dict[str, Any],
+    unknown_threshold: float | None = None,
 ) -> Manifest:
     """Write ``encoder`` as a bundle in ``directory`` (created; an existing bundle is replaced).
 
@@ -104,6 +114,7 @@ def save_bundle(
         model_version: A unique, human-readable version string (e.g. ``cpmobile60k-ce-2026.11.26``).
         training: Data summary, licences, recipe.
         evaluation: Evaluation figures with how they were measured.
+        unknown_threshold: The calibrated unknown threshold, if training calibrated one.
 
     Returns:
         The manifest written.
@@ -130,6 +141,7 @@ def save_bundle(
         weights_sha256=sha256_file(weights),
         training=training,
         evaluation=evaluation,
+        unknown_threshold=unknown_threshold,
     )
     _write_json_atomic(out / MANIFEST, manifest.to_json())
     return manifest
@@ -221,5 +233,5 @@ def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-__all__ = ["ARCHITECTURES", "FORMAT_VERSION", "BundleError", "Manifest", "load_bundle", "read_manifest",
-           "save_bundle"]
+__all__ = ["ARCHITECTURES", "FORMAT_VERSION", "BundleError", "Manifest", "default_bundle_path", "load_bundle",
+           "read_manifest", "save_bundle"]

@@ -34,6 +34,7 @@ from torch import nn
 from tqdm import tqdm
 
 from sceneprint.bundle import save_bundle, sha256_file
+from sceneprint.complexity import complexity_card
 from sceneprint.config import from_dict, to_dict
 from sceneprint.cpmobile import Norm, OutputNorm, parameter_count, preset
 from sceneprint.encoder import Encoder, WindowConfig
@@ -475,7 +476,11 @@ def export_student(encoder: Encoder, export: Path, cfg: StudentConfig, data: Tra
     if cfg.teacher:
         tcfg = json.loads((Path(cfg.teacher) / "config.json").read_text())
         teacher = f"YAMNet fine-tuned with ce_weight={tcfg['ce_weight']} ({tcfg['model_version']})"
-    save_bundle(export, encoder.eval(), model_version=cfg.model_version, evaluation=results, training={
+    # The card's latencies are measured here, in the training process (one thread; figures of a loaded
+    # machine are noisy: docs/complexity.md holds a one-run comparison of every size).
+    card = complexity_card(encoder, repeats=10, threads=(1,))
+    save_bundle(export, encoder.eval(), model_version=cfg.model_version, evaluation={**results, "complexity": card},
+                training={
         "recipe": (f"ContrastASC stage 2: {cfg.loss.alpha:g} CE + {cfg.loss.beta:g} KD (T={cfg.loss.kd_temperature:g})"
                    f" + {cfg.loss.gamma:g} CRD (T={cfg.loss.crd_temperature:g}) from the teacher; 0.96 s crops; "
                    "Freq-MixStyle, masking, time roll, frequency shift"),

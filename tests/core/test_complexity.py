@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import importlib
-from pathlib import Path
 from types import ModuleType
 
 import pytest
@@ -15,15 +14,10 @@ from sceneprint.encoder import Encoder, WindowConfig
 from sceneprint.frontend import LogMelConfig
 from sceneprint.yamnet import YAMNetFrontendConfig
 
-REPOSITORY = Path(__file__).resolve().parents[2]
-
 
 @pytest.fixture
-def complexity(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """``bench.complexity``: bench/ is a folder of scripts beside the package, not installed, and pytest's
-    importlib mode puts no repository root on sys.path, so the checkout is prepended for this test only."""
-    monkeypatch.syspath_prepend(str(REPOSITORY))
-    return importlib.import_module("bench.complexity")
+def complexity() -> ModuleType:
+    return importlib.import_module("sceneprint.complexity")
 
 
 def test_frontend_macs_of_a_tiny_logmel_config_match_the_hand_count(complexity: ModuleType) -> None:
