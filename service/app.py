@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -10,94 +12,143 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi_offline import FastAPIOffline
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from sceneprint import __version__
 from sceneprint.bundle import Manifest, load_bundle
-from sceneprint.service.body_limits import BodyLimitMiddleware
+from sceneprint.service.body_limits import BodyLimitMiddleware, route_body_limit
 from sceneprint.service.clipstore import ClipStore
+from sceneprint.service.connections import RateLimitedLog
 from sceneprint.service.db import make_engine, make_session_factory
 from sceneprint.service.errors import PROBLEM_JSON, SceneprintError, from_database_error, problem
 from sceneprint.service.index import SceneIndex
+from sceneprint.service.keys import KeyRing
 from sceneprint.service.migrate import upgrade
-from sceneprint.service.routes import classify, health, scenes
-from sceneprint.service.scenes import LoadedModel, SceneService
+from sceneprint.service.routes import classify, health, keys, scenes
+from sceneprint.service.scenes import LoadedModel, Quotas, SceneService
+from sceneprint.service.schemas import Problem
 from sceneprint.service.settings import Settings
 
 log = logging.getLogger("sceneprint.service")
 DEFAULT_UNKNOWN_THRESHOLD = 0.5
+# Where format-1 bundles, which predate the manifest's typed field, kept the calibrated threshold.
+FORMAT_1_THRESHOLD_REPORT = "heldout_open_set_5way_5shot"
 
 
-def build_scene_service(settings: Settings) -> tuple[SceneService, Engine]:
-    """Migrate the database, load the bundle, and bring the index in line with the database."""
+def build_scene_service(settings: Settings) -> tuple[SceneService, KeyRing, Engine]:
+    """Migrate the database, load the bundle and the API keys, and bring the index in line with the database."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url
     upgrade(url)
     encoder, manifest = load_bundle(settings.model_path)
     engine = make_engine(url, busy_timeout_s=settings.db_busy_timeout_s)
+    sessions = make_session_factory(engine)
     service = SceneService(
-        sessions=make_session_factory(engine), store=ClipStore(settings.clip_dir),
-        index=SceneIndex(manifest.embedding_dim), model=LoadedModel(encoder, manifest),
-        limits=settings.clip_limits, max_upload_bytes=settings.max_upload_bytes,
-        clips_per_enrollment=settings.clips_per_enrollment, unknown_threshold=unknown_threshold(settings, manifest),
+        sessions=sessions, store=ClipStore(settings.clip_dir), index=SceneIndex(manifest.embedding_dim),
+        model=LoadedModel(encoder, manifest), limits=settings.clip_limits,
+        clips_per_enrollment=settings.clips_per_enrollment,
+        quotas=Quotas(max_scenes=settings.max_scenes, max_clips_per_scene=settings.max_clips_per_scene,
+                      max_stored_bytes=settings.max_stored_bytes),
+        unknown_threshold=unknown_threshold(settings, manifest),
         torch_threads=settings.torch_threads, inference_slots=settings.inference_slots,
     )
     report = service.start()
     log.info("model %s loaded, unknown threshold %.3f; %s", manifest.model_version, service.unknown_threshold,
              report)
-    return service, engine
+    return service, KeyRing(sessions), engine
 
 
 def unknown_threshold(settings: Settings, manifest: Manifest) -> float:
-    """The configured threshold, else the one calibrated on held-out classes and stored in the bundle."""
+    """The configured threshold, else the one calibrated on held-out classes that the bundle carries."""
     if settings.unknown_threshold is not None:
         return settings.unknown_threshold
-    calibrated = manifest.evaluation.get("heldout_open_set_5way_5shot", {}).get("threshold")
-    return float(calibrated) if calibrated is not None else DEFAULT_UNKNOWN_THRESHOLD
+    if manifest.unknown_threshold is not None:
+        return manifest.unknown_threshold
+    if manifest.format_version == 1:
+        calibrated = manifest.evaluation.get(FORMAT_1_THRESHOLD_REPORT, {}).get("threshold")
+        if calibrated is not None:
+            return float(calibrated)
+    log.warning("bundle %s carries no calibrated unknown threshold: using %.1f (set SCENEPRINT_UNKNOWN_THRESHOLD "
+                "to choose one)", manifest.model_version, DEFAULT_UNKNOWN_THRESHOLD)
+    return DEFAULT_UNKNOWN_THRESHOLD
+
+
+async def _refresh_keys(ring: KeyRing, every_s: float) -> None:
+    """Re-read the API keys for as long as the app runs; a database outage keeps the last ones read."""
+    limited = RateLimitedLog(log)
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await run_in_threadpool(ring.refresh)
+        except Exception as exc:
+            limited.warning("keys", "cannot re-read the API keys (%s); the last ones read stay in force",
+                            type(exc).__name__)
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app. The model, database and index are loaded in the lifespan, not here."""
+    """Build the app. The model, database, index and keys are loaded in the lifespan, not here."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.scenes, engine = await run_in_threadpool(build_scene_service, settings)
+        app.state.scenes, app.state.keys, engine = await run_in_threadpool(build_scene_service, settings)
+        refresher = asyncio.create_task(_refresh_keys(app.state.keys, settings.key_refresh_s))
         yield
+        refresher.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await refresher
         app.state.scenes.close()
         engine.dispose()
 
-    app = FastAPI(
+    # Swagger UI and ReDoc are served from the package's own copies: /docs works offline.
+    app = FastAPIOffline(
         title="Sceneprint",
         version=__version__,
         summary="Enroll an acoustic scene from five clips; classify new audio against the enrolled scenes.",
-        description="Errors are RFC 9457 problem details (`application/problem+json`) with a stable `code`.",
+        description="Errors are RFC 9457 problem details (`application/problem+json`) with a stable `code`. "
+                    "Requests need an API key (`Authorization: Bearer KEY`) once one exists.",
         lifespan=lifespan,
     )
     app.state.settings = settings
     app.state.scenes = None
-    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_request_bytes,
+    app.state.keys = None
+    app.add_middleware(BodyLimitMiddleware, limit=route_body_limit(settings),
                        read_timeout_s=settings.upload_read_timeout_s)
-    app.include_router(scenes.router)
-    app.include_router(classify.router)
+    app.include_router(scenes.build_router(settings))
+    app.include_router(classify.build_router(settings))
+    app.include_router(keys.router)
     app.include_router(health.router)
     _install_error_handlers(app)
+    _document_problems(app)
     return app
 
 
 def _problem_response(request: Request, status: int, code: str, title: str, detail: str,
-                      **extra: Any) -> JSONResponse:
-    return JSONResponse(status_code=status, media_type=PROBLEM_JSON,
+                      headers: dict[str, str] | None = None, **extra: Any) -> JSONResponse:
+    return JSONResponse(status_code=status, media_type=PROBLEM_JSON, headers=headers,
                         content=problem(status, code, title, detail, instance=request.url.path, **extra))
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method some route takes at this path (Starlette names only the first route's)."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches(request.scope)
+        if match is not Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(SceneprintError)
     async def domain_error(request: Request, exc: SceneprintError) -> JSONResponse:
-        return _problem_response(request, exc.status, exc.code, exc.title, exc.detail, **exc.extra)
+        return _problem_response(request, exc.status, exc.code, exc.title, exc.detail, headers=dict(exc.headers),
+                                 **exc.extra)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -109,8 +160,11 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {400: "malformed_request", 404: "not_found", 405: "method_not_allowed", 413: "too_large"}
         code = codes.get(exc.status_code, f"http_{exc.status_code}")
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:
+            headers["Allow"] = _allowed_methods(request)
         return _problem_response(request, exc.status_code, code, code.replace("_", " ").capitalize(),
-                                 str(exc.detail))
+                                 str(exc.detail), headers=headers)
 
     @app.exception_handler(OperationalError)
     async def database_error(request: Request, exc: OperationalError) -> JSONResponse:
@@ -119,3 +173,14 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _problem_response(request, error.status, error.code, error.title, error.detail)
 
 
+def _document_problems(app: FastAPI) -> None:
+    """Add the problem document's schema, which the routes' error responses refer to, to the OpenAPI document."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        schema = generate()
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas.setdefault("Problem", Problem.model_json_schema(ref_template="#/components/schemas/{model}"))
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

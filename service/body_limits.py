@@ -1,20 +1,43 @@
-"""ASGI middleware that bounds request bodies in size and in time, while they stream in.
+"""ASGI middleware that bounds request bodies in size (per route) and in stall time, while they stream in.
 
-A body larger than the limit is answered 413 ``too_large`` as soon as the limit is crossed (or at
-once, from Content-Length), without buffering the rest; a body that stalls longer than the read
-timeout is answered 408 ``request_timeout``. Other requests are unaffected: each connection only
-ever waits on its own socket.
+Each route has its own limit: ``/classify`` takes one file, enrollment and added clips take at most
+``clips_per_enrollment`` files, everything else a small JSON body at most. A body larger than its
+route's limit is answered 413 ``too_large`` as soon as the limit is crossed (or at once, from
+Content-Length), without buffering the rest, and the connection is closed; a body that stalls longer
+than the read timeout is answered 408 ``request_timeout``. (The whole body's deadline is kept at the
+connection level, see ``connections.py``, so that it holds even where no route reads the body.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from typing import Any
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sceneprint.service.errors import PROBLEM_JSON, problem
+from sceneprint.service.routes.uploads import PART_OVERHEAD_BYTES, REQUEST_OVERHEAD_BYTES
+from sceneprint.service.settings import Settings
+
+SMALL_BODY_BYTES = 64 * 1024  # JSON bodies (key management), and any body a route does not read
+
+
+def route_body_limit(settings: Settings) -> Callable[[str, str], int]:
+    """The body limit of a request, from its method and path."""
+    one_file = settings.max_upload_bytes + PART_OVERHEAD_BYTES
+    classify = one_file + REQUEST_OVERHEAD_BYTES
+    clips = settings.clips_per_enrollment * one_file + REQUEST_OVERHEAD_BYTES
+
+    def limit(method: str, path: str) -> int:
+        if method == "POST" and path == "/classify":
+            return classify
+        if method == "POST" and path.startswith("/scenes/") and path.endswith(("/enroll", "/clips")):
+            return clips
+        return SMALL_BODY_BYTES
+
+    return limit
 
 
 class _Rejected(Exception):
@@ -25,18 +48,19 @@ class _Rejected(Exception):
 
 
 class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, *, max_body_bytes: int, read_timeout_s: float) -> None:
+    def __init__(self, app: ASGIApp, *, limit: Callable[[str, str], int], read_timeout_s: float) -> None:
         self.app = app
-        self.max_body_bytes = max_body_bytes
+        self.limit = limit
         self.read_timeout_s = read_timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] in ("GET", "HEAD", "OPTIONS", "DELETE"):
+        if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        max_bytes = self.limit(scope["method"], scope["path"])
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_body_bytes:
-            await _send_problem(send, self._too_large(declared))
+        if declared is not None and declared > max_bytes:
+            await _send_problem(send, _too_large(max_bytes, declared))
             return
 
         received = 0
@@ -53,8 +77,8 @@ class BodyLimitMiddleware:
                 raise rejection from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body_bytes:
-                    rejection = self._too_large(received)
+                if received > max_bytes:
+                    rejection = _too_large(max_bytes, received)
                     raise rejection
             return message
 
@@ -76,9 +100,11 @@ class BodyLimitMiddleware:
         if rejection is not None and not response_started:
             await _send_problem(send, rejection)
 
-    def _too_large(self, size: int) -> _Rejected:
-        return _Rejected(413, "too_large", "Upload too large",
-                         f"the request body is over {self.max_body_bytes} bytes (at least {size} received or declared)")
+
+def _too_large(max_bytes: int, size: int) -> _Rejected:
+    return _Rejected(413, "too_large", "Upload too large",
+                     f"the request body is over this route's limit of {max_bytes} bytes (at least {size} received "
+                     "or declared)")
 
 
 def _content_length(scope: Scope) -> int | None:

@@ -31,12 +31,15 @@ class ClipStore:
             raise ValueError(f"not a sha256 hex digest: {sha256!r}")
         return self.root / sha256[:2] / sha256
 
-    def put(self, data: bytes) -> str:
-        """Store ``data`` (idempotent) and return its sha256. Raises OSError when the disk refuses."""
-        sha = content_hash(data)
-        target = self.path(sha)
+    def put(self, data: bytes, sha256: str) -> None:
+        """Store ``data``, whose ``content_hash`` the caller computed once (idempotent).
+
+        Raises:
+            OSError: When the disk refuses.
+        """
+        target = self.path(sha256)
         if target.is_file() and target.stat().st_size == len(data):
-            return sha
+            return
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
         try:
@@ -48,7 +51,6 @@ class ClipStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        return sha
 
     def read(self, sha256: str) -> bytes:
         return self.path(sha256).read_bytes()

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from sceneprint.audio import AudioError
 
@@ -15,11 +15,52 @@ class SceneprintError(Exception):
     status = 400
     code = "bad_request"
     title = "Bad request"
+    headers: ClassVar[tuple[tuple[str, str], ...]] = ()  # extra response headers
 
     def __init__(self, detail: str, **extra: Any) -> None:
         super().__init__(detail)
         self.detail = detail
         self.extra = extra
+
+
+class MalformedRequest(SceneprintError):
+    status, code, title = 400, "malformed_request", "Malformed request"
+    # The rest of the body cannot be trusted to be framed: do not read another request after it.
+    headers = (("Connection", "close"),)
+
+
+class Unauthorized(SceneprintError):
+    status, code, title = 401, "unauthorized", "API key missing or invalid"
+    headers = (("WWW-Authenticate", 'Bearer realm="sceneprint"'),)
+
+
+class Forbidden(SceneprintError):
+    status, code, title = 403, "forbidden", "API key lacks the scope"
+
+
+class UnsupportedMediaType(SceneprintError):
+    status, code, title = 415, "unsupported_media_type", "Unsupported media type"
+
+
+class QuotaExceeded(SceneprintError):
+    """A quota (a setting) would be passed; the problem names it and its value."""
+
+    status, code, title = 409, "quota_exceeded", "Quota exceeded"
+
+    def __init__(self, detail: str, *, quota: str, limit: int) -> None:
+        super().__init__(detail, quota=quota, limit=limit)
+
+
+class KeyNotFound(SceneprintError):
+    status, code, title = 404, "key_not_found", "API key not found"
+
+
+class InvalidKeyName(SceneprintError):
+    status, code, title = 422, "invalid_key_name", "Invalid API key name"
+
+
+class KeyExists(SceneprintError):
+    status, code, title = 409, "key_exists", "API key name already used"
 
 
 class InvalidSceneName(SceneprintError):
@@ -44,6 +85,8 @@ class DuplicateClips(SceneprintError):
 
 class TooLarge(SceneprintError):
     status, code, title = 413, "too_large", "Upload too large"
+    # Answered before the body was read whole: the connection is closed rather than drained.
+    headers = (("Connection", "close"),)
 
 
 class ClipRejected(SceneprintError):

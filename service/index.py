@@ -106,7 +106,3 @@ class SceneIndex:
             scores, ids = self._index.search(query.reshape(1, -1).astype(np.float32), k)
             return [Match(scene=self._names[int(i)], score=float(s))
                     for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
-
-    def ids(self) -> set[int]:
-        with self._lock.reading():
-            return set(self._names)

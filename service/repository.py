@@ -1,25 +1,22 @@
-"""Data access: keyword-only functions over a session. No business rules here."""
+"""Data access: keyword-only functions over a session. No business rules here.
+
+Constraint violations are turned into the domain errors they mean here, where the statement that
+violates them runs, so callers never see ``IntegrityError``.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import numpy as np
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from sceneprint.service.tables import Clip, ClipEmbedding, Prototype, Scene, utcnow
-
-
-@dataclass(frozen=True)
-class SceneRow:
-    id: int
-    name: str
-    created_at: datetime
-    clips: int
-    model_version: str | None  # the version of its prototype for the queried model, if any
+from sceneprint.service.errors import DuplicateClips, KeyExists, SceneExists
+from sceneprint.service.schemas import KeyPublic, ScenePublic
+from sceneprint.service.tables import ApiKey, Clip, ClipEmbedding, Prototype, Scene, utcnow
 
 
 def vector_bytes(vector: np.ndarray) -> bytes:
@@ -30,23 +27,42 @@ def bytes_vector(data: bytes) -> np.ndarray:
     return np.frombuffer(data, dtype=np.float32)
 
 
+def as_utc(moment: datetime) -> datetime:
+    """SQLite returns stored timestamps without their zone; every timestamp here is UTC."""
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+# --- scenes and clips ---------------------------------------------------------------------------
+
+
 def get_scene(session: Session, *, name: str) -> Scene | None:
     return session.scalars(select(Scene).where(Scene.name == name)).one_or_none()
 
 
 def create_scene(session: Session, *, name: str) -> Scene:
+    """Insert a scene. Raises SceneExists if the name is taken (also by a concurrent request)."""
     scene = Scene(name=name, created_at=utcnow())
     session.add(scene)
-    session.flush()  # assigns the id; raises IntegrityError if the name exists
+    try:
+        session.flush()  # assigns the id
+    except IntegrityError:
+        session.rollback()
+        raise SceneExists(f"scene {name!r} already exists", scene=name) from None
     return scene
 
 
 def add_clip(session: Session, *, scene: Scene, sha256: str, filename: str, byte_size: int,
              duration_s: float) -> Clip:
+    """Insert a clip. Raises DuplicateClips if the scene already holds this content."""
     clip = Clip(scene_id=scene.id, sha256=sha256, filename=filename, byte_size=byte_size, duration_s=duration_s,
                 created_at=utcnow())
     session.add(clip)
-    session.flush()
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise DuplicateClips(f"clip {filename!r} was added to scene {scene.name!r} concurrently",
+                             file=filename) from None
     return clip
 
 
@@ -68,21 +84,18 @@ def clip_embeddings(session: Session, *, scene_id: int, model_version: str) -> n
     return np.stack([bytes_vector(r) for r in rows])
 
 
-def scene_rows(session: Session, *, model_version: str, name: str | None = None) -> list[SceneRow]:
+def scenes(session: Session, *, model_version: str, name: str | None = None) -> list[ScenePublic]:
+    """Scenes by name (or the one named), as the API shows them; ``model_version`` is set where the scene has
+    a prototype for the queried model."""
     clip_count = select(func.count(Clip.id)).where(Clip.scene_id == Scene.id).scalar_subquery()
     proto_version = (select(Prototype.model_version)
                      .where(Prototype.scene_id == Scene.id, Prototype.model_version == model_version)
                      .scalar_subquery())
-    query = select(Scene.id, Scene.name, Scene.created_at, clip_count, proto_version).order_by(Scene.name)
+    query = select(Scene.name, clip_count, proto_version, Scene.created_at).order_by(Scene.name)
     if name is not None:
         query = query.where(Scene.name == name)
-    return [SceneRow(sid, scene_name, as_utc(created), clips, version)
-            for sid, scene_name, created, clips, version in session.execute(query).all()]
-
-
-def as_utc(moment: datetime) -> datetime:
-    """SQLite returns stored timestamps without their zone; every timestamp here is UTC."""
-    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+    return [ScenePublic(name=scene_name, clips=clips, model_version=version, created_at=as_utc(created))
+            for scene_name, clips, version, created in session.execute(query).all()]
 
 
 def delete_scene(session: Session, *, scene: Scene) -> list[str]:
@@ -127,3 +140,48 @@ def clip_rows(session: Session, *, scene_id: int) -> list[Clip]:
 
 def count_scenes(session: Session) -> int:
     return int(session.scalar(select(func.count(Scene.id))) or 0)
+
+
+def count_clips(session: Session, *, scene_id: int) -> int:
+    return int(session.scalar(select(func.count(Clip.id)).where(Clip.scene_id == scene_id)) or 0)
+
+
+def stored_bytes(session: Session) -> int:
+    """Bytes of audio in the clip store: each distinct clip content counted once, as it is stored once."""
+    per_blob = select(Clip.sha256, func.max(Clip.byte_size).label("size")).group_by(Clip.sha256).subquery()
+    return int(session.scalar(select(func.coalesce(func.sum(per_blob.c.size), 0))) or 0)
+
+
+# --- API keys -----------------------------------------------------------------------------------
+
+
+def add_key(session: Session, *, name: str, scope: str, key_id: str, secret_sha256: str) -> KeyPublic:
+    """Insert a key. Raises KeyExists if the name is taken (revoked keys keep their names)."""
+    row = ApiKey(name=name, scope=scope, key_id=key_id, secret_sha256=secret_sha256, created_at=utcnow())
+    session.add(row)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        raise KeyExists(f"an API key named {name!r} exists (revoked keys keep their names)", key=name) from None
+    return key_public(row)
+
+
+def keys(session: Session) -> list[KeyPublic]:
+    return [key_public(row) for row in session.scalars(select(ApiKey).order_by(ApiKey.name)).all()]
+
+
+def get_key(session: Session, *, name: str) -> ApiKey | None:
+    return session.scalars(select(ApiKey).where(ApiKey.name == name)).one_or_none()
+
+
+def active_keys(session: Session) -> list[tuple[str, str, str, str]]:
+    """(key id, name, scope, secret sha256) of every key not revoked."""
+    rows = session.execute(select(ApiKey.key_id, ApiKey.name, ApiKey.scope, ApiKey.secret_sha256)
+                           .where(ApiKey.revoked_at.is_(None))).all()
+    return [(key_id, name, scope, digest) for key_id, name, scope, digest in rows]
+
+
+def key_public(row: ApiKey) -> KeyPublic:
+    return KeyPublic(name=row.name, scope=row.scope, created_at=as_utc(row.created_at),
+                     revoked_at=as_utc(row.revoked_at) if row.revoked_at is not None else None)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Literal
 
 from pydantic import BaseModel, Field
 
+SCENE_NAME_PATTERN = r"^[a-z0-9_-]{1,64}$"
+
 
 class ScenePublic(BaseModel):
+    """A scene, as every route and the repository show it."""
+
+    model_config = {"frozen": True}
+
     name: str = Field(examples=["kitchen"])
     clips: int = Field(description="Number of clips enrolled in the scene.")
     model_version: str | None = Field(description="Model version of the scene's current prototype.")
@@ -39,9 +45,33 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     status: str
+    access: Literal["keys", "open"] | None = Field(
+        default=None, description="'open': no API key exists, so requests need none (loopback only unless "
+                                  "--allow-open); 'keys': every request but the health checks needs one.")
     model_version: str | None = None
     scenes_indexed: int | None = None
     unknown_threshold: float | None = None
+
+
+class KeyCreate(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    name: str = Field(pattern=SCENE_NAME_PATTERN, min_length=1, max_length=64, examples=["ci"])
+    scope: Literal["classify", "enroll", "admin"] = Field(
+        description="classify: classify and read; enroll: also enroll, add clips, delete; admin: everything.")
+
+
+class KeyPublic(BaseModel):
+    """An API key as listed: never the key itself."""
+
+    name: str
+    scope: str
+    created_at: datetime
+    revoked_at: datetime | None = None
+
+
+class KeyCreated(KeyPublic):
+    key: str = Field(description="The key, shown this once: send it as `Authorization: Bearer KEY`.")
 
 
 class Problem(BaseModel):
@@ -56,6 +86,3 @@ class Problem(BaseModel):
     file: str | None = None
 
     model_config = {"extra": "allow"}
-
-
-ManifestPublic = dict[str, Any]

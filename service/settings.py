@@ -1,29 +1,34 @@
 """Service settings: one pydantic-settings object, read from ``SCENEPRINT_*`` environment variables.
 
 Nothing about features (sample rate, hop, mel bands) is a service setting: the model bundle says.
+A ``SCENEPRINT_*`` variable that names no setting is an error, so a misspelt setting is never
+silently ignored.
 """
 
 from __future__ import annotations
 
+import difflib
 import os
-from importlib.resources import files
 from pathlib import Path
+from typing import Any
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sceneprint.audio import ClipLimits
+from sceneprint.bundle import default_bundle_path
 
-
-def default_bundle_path() -> Path:
-    """The bundled default encoder, shipped inside the package."""
-    return Path(str(files("sceneprint.models"))) / "sceneprint-default"
+ENV_PREFIX = "SCENEPRINT_"
+# Variables with the prefix that other parts of the project read; they are not service settings.
+OTHER_VARIABLES = {"SCENEPRINT_DEV_DATA": "the training data folder (sceneprint.training, tests)"}
+RENAMED_VARIABLES = {"SCENEPRINT_LIMIT_CONCURRENCY": "SCENEPRINT_MAX_CONNECTIONS"}
+GIB = 1024**3
 
 
 class Settings(BaseSettings):
     """Everything the service can be told, with its environment variable ``SCENEPRINT_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix="SCENEPRINT_", env_file=None, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=None, extra="forbid")
 
     data_dir: Path = Field(default=Path("data"), description="Where the database and clip store live.")
     database_url: str = Field(default="", description="SQLAlchemy URL; empty: SQLite file in data_dir.")
@@ -34,11 +39,8 @@ class Settings(BaseSettings):
     clips_per_enrollment: int = Field(default=5, ge=1, le=50)
     unknown_threshold: float | None = Field(
         default=None, ge=-1.0, le=1.0,
-        description="Best cosine score below this is reported as unknown. Default: the threshold the bundle's "
-                    "open-set evaluation chose, else 0.5.")
-    max_top_k: int = Field(default=100, ge=1)
-    upload_read_timeout_s: float = Field(default=30.0, gt=0,
-                                         description="A request body that stalls this long is dropped (408).")
+        description="Best cosine score below this is reported as unknown. Default: the threshold calibrated on "
+                    "held-out classes that the bundle's manifest carries, else 0.5.")
     torch_threads: int = Field(default=1, ge=1, description="Intra-op threads per inference call.")
     inference_slots: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1,
@@ -46,6 +48,45 @@ class Settings(BaseSettings):
                     "count, so concurrent requests do not time-slice the cores (which inflates tail latency).")
     db_busy_timeout_s: float = Field(default=5.0, gt=0, description="How long a write waits on a locked SQLite "
                                                                     "database before failing with 503.")
+
+    # Access.
+    allow_open: bool = Field(default=False, description="Serve without API keys on a non-loopback address. "
+                                                        "Without it, a service with no key answers only on "
+                                                        "loopback.")
+    key_refresh_s: float = Field(default=0.5, gt=0, le=60,
+                                 description="How often keys created or revoked elsewhere (the CLI, another "
+                                             "replica) are read from the database.")
+
+    # Quotas: what a client may store.
+    max_scenes: int = Field(default=10_000, ge=1, description="Scenes, in all.")
+    max_clips_per_scene: int = Field(default=500, ge=1, description="Clips in one scene.")
+    max_stored_bytes: int = Field(default=32 * GIB, ge=1, description="Audio in the clip store, in bytes.")
+
+    # Connections: slow and abusive clients.
+    header_timeout_s: float = Field(default=10.0, gt=0, description="A request's headers must arrive within this "
+                                                                    "(from connect, or from its first byte on a "
+                                                                    "kept-alive connection); else 408 and close.")
+    keep_alive_timeout_s: int = Field(default=5, ge=1, description="An idle kept-alive connection is closed "
+                                                                       "after this.")
+    body_timeout_s: float = Field(default=120.0, gt=0, description="A request body must arrive whole within this; "
+                                                                   "else 408 and close.")
+    upload_read_timeout_s: float = Field(default=30.0, gt=0,
+                                         description="A request body that stalls this long is dropped (408).")
+    max_connections: int = Field(default=1024, ge=1,
+                                 description="Open connections; past it, the oldest connection still waiting for "
+                                             "a request is closed to make room, else the new one gets 503.")
+    shutdown_grace_s: int = Field(default=10, ge=0, description="On SIGTERM, requests in flight get this long "
+                                                                    "to finish; then they are cancelled.")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _refuse_unknown_variables(cls, data: Any) -> Any:
+        known = {ENV_PREFIX + name.upper() for name in cls.model_fields}
+        unknown = sorted(k for k in os.environ if k.upper().startswith(ENV_PREFIX)
+                         and k.upper() not in known and k.upper() not in OTHER_VARIABLES)
+        if unknown:
+            raise ValueError("; ".join(_unknown_variable(name, known) for name in unknown))
+        return data
 
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
@@ -65,7 +106,11 @@ class Settings(BaseSettings):
     def clip_limits(self) -> ClipLimits:
         return ClipLimits(min_seconds=self.min_clip_seconds, max_seconds=self.max_clip_seconds)
 
-    @property
-    def max_request_bytes(self) -> int:
-        """Largest request body: a full enrollment plus room for multipart framing."""
-        return self.clips_per_enrollment * self.max_upload_bytes + 1024 * 1024
+
+def _unknown_variable(name: str, known: set[str]) -> str:
+    upper = name.upper()
+    if upper in RENAMED_VARIABLES:
+        return f"{name} is no longer read: use {RENAMED_VARIABLES[upper]}"
+    close = difflib.get_close_matches(upper, sorted(known), n=1)
+    hint = f"did you mean {close[0]}?" if close else f"known: {', '.join(sorted(known))}"
+    return f"{name} is not a Sceneprint setting ({hint})"

@@ -1,7 +1,8 @@
 """The database schema (SQLAlchemy 2). Created and changed only by Alembic migrations.
 
 The database is the truth: scenes, their clips (the audio itself lives content-addressed in the clip
-store), and embeddings and prototypes per model version, so a model change can re-embed from audio.
+store), and embeddings and prototypes per model version, so a model change can re-embed from audio;
+and the API keys (hashed).
 """
 
 from __future__ import annotations
@@ -64,3 +65,19 @@ class Prototype(Base):
     vector: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # float32, unit length
     n_clips: Mapped[int] = mapped_column(Integer, nullable=False)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+
+class ApiKey(Base):
+    """An API key: its public id and the SHA-256 of its secret, never the key itself."""
+
+    __tablename__ = "api_keys"
+    __table_args__ = (UniqueConstraint("name", name="uq_api_keys_name"),
+                      UniqueConstraint("key_id", name="uq_api_keys_key_id"))
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), nullable=False)
+    scope: Mapped[str] = mapped_column(String(16), nullable=False)
+    key_id: Mapped[str] = mapped_column(String(32), nullable=False)
+    secret_sha256: Mapped[str] = mapped_column(String(64), nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)

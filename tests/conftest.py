@@ -48,8 +48,9 @@ def client_factory(tmp_path: Path, tiny_bundle: Path) -> ClientFactory:
 
     @contextmanager
     def factory(**overrides: Any) -> Iterator[TestClient]:
+        # TestClient's server is not a loopback address: a keyless app must be told to run open.
         values: dict[str, Any] = {"data_dir": tmp_path / "data", "model_path": tiny_bundle, "min_clip_seconds": 0.5,
-                                  "max_clip_seconds": 30.0}
+                                  "max_clip_seconds": 30.0, "allow_open": True}
         values.update(overrides)
         app = create_app(Settings(**values))
         with TestClient(app, raise_server_exceptions=False) as client:

@@ -69,6 +69,11 @@ class StudentOptimConfig:
     weight_decay: float = 1e-3
     warmup_epochs: int = 4
     crops_per_clip: int = 2  # crops of each clip per epoch (different positions)
+    # Unlabelled inputs (KD, CRD and the embedding term need no label): waveform mixes of two training
+    # clips of different classes, which the teacher embeds though no class fits. ``mix_bank`` mixes are
+    # made and embedded by the teacher once (cached); ``mix_per_batch`` of them join every batch.
+    mix_bank: int = 0
+    mix_per_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -276,6 +281,7 @@ class TrainingData:
     meta: list[ClipMeta]
     split: FewShotSplit
     root: Path
+    mixes: dict[str, np.ndarray] | None = None  # the unlabelled mix bank: student crops and teacher outputs
 
 
 def load_training_data(cfg: StudentConfig) -> TrainingData:
@@ -302,32 +308,96 @@ def load_training_data(cfg: StudentConfig) -> TrainingData:
             keys = ("logits", "projection", "embedding")
         targets = teacher_targets(Path(cfg.teacher), root, meta, cfg.teacher_hop_frames, Path(cfg.data.cache_dir),
                                   positions, keys)
-        if "embedding" in targets:
-            # Standardise each dimension over the training clips' crops (fixed constants for the run).
-            e = targets["embedding"][train_idx].astype(np.float32)
-            mean, std = e.mean(axis=(0, 1)), e.std(axis=(0, 1)) + 1e-3
-            targets["embedding"] = ((targets["embedding"].astype(np.float32) - mean) / std).astype(np.float16)
         _, _, teacher_classes = load_teacher(Path(cfg.teacher))
         if teacher_classes != classes:
             # KD needs the teacher's logits over the student's classes, in the same order.
             raise ValueError(f"teacher classes {teacher_classes} differ from the student's {classes}")
     memory_row = np.full(len(meta), -1)
     memory_row[train_idx] = np.arange(len(train_idx))
-    return TrainingData(feats, targets, labels, memory_row, classes, train_idx, val_idx, held_idx, meta, split, root)
+    mixes = None
+    if cfg.optim.mix_bank > 0:
+        if not cfg.teacher:
+            raise ValueError("optim.mix_bank needs a teacher: mixes have no label")
+        mixes = mix_bank(cfg, root, meta, train_idx, labels, tuple(targets))
+    if "embedding" in targets:
+        # Standardise each dimension over the training clips' crops (fixed constants for the run).
+        e = targets["embedding"][train_idx].astype(np.float32)
+        mean, std = e.mean(axis=(0, 1)), e.std(axis=(0, 1)) + 1e-3
+        for bank in [targets] + ([mixes] if mixes is not None else []):
+            bank["embedding"] = ((bank["embedding"].astype(np.float32) - mean) / std).astype(np.float16)
+    return TrainingData(feats, targets, labels, memory_row, classes, train_idx, val_idx, held_idx, meta, split, root,
+                        mixes)
+
+
+def mix_bank(cfg: StudentConfig, root: Path, meta: list[ClipMeta], train_idx: np.ndarray, labels: np.ndarray,
+             keys: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """``optim.mix_bank`` waveform mixes of two training clips of different classes (gain 0.3-0.7 for the first),
+    each cut at one teacher crop position: the student's log-mel crop (M, F, 96) and the teacher's outputs
+    for the same 0.96 s. Cached per teacher checkpoint, size, seed and outputs.
+    """
+    from sceneprint.frontend import LogMel
+    from sceneprint.training.data import decode_file
+    from sceneprint.yamnet import YAMNetFrontend
+
+    run_dir, cache_dir = Path(cfg.teacher), Path(cfg.data.cache_dir)
+    digest = sha256_file(run_dir / "checkpoint.pt")[:12]
+    name = f"mixes-{digest}-{cfg.optim.mix_bank}-s{cfg.seed}-hop{cfg.teacher_hop_frames}-{'-'.join(keys)}.npz"
+    path = cache_dir / name
+    if path.is_file():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    teacher, tcfg, _ = load_teacher(run_dir)
+    student_fe, teacher_fe = LogMel(cfg.frontend).eval(), YAMNetFrontend(tcfg.frontend).eval()
+    rng = np.random.default_rng(cfg.seed + 7919)
+    crops: list[np.ndarray] = []
+    outputs: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    with torch.inference_mode():
+        for _ in tqdm(range(cfg.optim.mix_bank), desc="mix bank", unit="mix"):
+            i = int(rng.choice(train_idx))
+            j = int(rng.choice(train_idx[labels[train_idx] != labels[i]]))
+            lam = float(rng.uniform(0.3, 0.7))
+            mixed: list[torch.Tensor] = []
+            for rate in (cfg.frontend.sample_rate, tcfg.frontend.sample_rate):
+                a, b = decode_file(root, meta[i], rate), decode_file(root, meta[j], rate)
+                n = min(len(a), len(b))
+                mixed.append(torch.from_numpy(lam * a[:n] + (1 - lam) * b[:n]).unsqueeze(0))
+            student_logmel = student_fe(mixed[0])[0, 0]  # (F, T)
+            teacher_logmel = teacher_fe.padded_logmel(mixed[1])[0]  # (T', 64)
+            positions = (student_logmel.shape[1] - CROP_FRAMES) // cfg.teacher_hop_frames + 1
+            s = int(rng.integers(0, positions)) * cfg.teacher_hop_frames
+            crops.append(student_logmel[:, s : s + CROP_FRAMES].numpy().astype(np.float16))
+            out = teacher(teacher_logmel[s : s + CROP_FRAMES].unsqueeze(0))
+            for k in keys:
+                outputs[k].append(out[k][0].numpy().astype(np.float16))
+    bank = {"x": np.stack(crops), **{k: np.stack(v) for k, v in outputs.items()}}
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **bank)  # type: ignore[arg-type]
+    os.replace(tmp, path)
+    return bank
 
 
 def make_batch(data: TrainingData, cfg: StudentConfig, idx: np.ndarray, rng: np.random.Generator
                ) -> dict[str, torch.Tensor]:
-    """Crops at random teacher positions, augmented, with their labels and teacher outputs."""
+    """Crops at random teacher positions (and, with a mix bank, unlabelled mixes), augmented, with their labels,
+    memory rows and teacher outputs."""
     n_pos = ((data.feats.shape[2] - CROP_FRAMES) // cfg.teacher_hop_frames + 1)
     pos = rng.integers(0, n_pos, size=len(idx))
     starts = pos * cfg.teacher_hop_frames
     x = np.stack([data.feats[i, :, s : s + CROP_FRAMES] for i, s in zip(idx, starts, strict=True)])
+    labels, rows = data.labels[idx], data.memory_row[idx]
+    teacher = {k: v[idx, pos] for k, v in data.targets.items()}
+    if data.mixes is not None and cfg.optim.mix_per_batch > 0:
+        m = rng.integers(0, len(data.mixes["x"]), size=cfg.optim.mix_per_batch)
+        x = np.concatenate([x, data.mixes["x"][m]])
+        labels = np.concatenate([labels, np.full(len(m), -1)])
+        rows = np.concatenate([rows, len(data.train_idx) + m])  # mix rows follow the clips' rows in the memory
+        teacher = {k: np.concatenate([v, data.mixes[k][m]]) for k, v in teacher.items()}
     batch = {"x": augment_student(torch.from_numpy(x.astype(np.float32)).unsqueeze(1), cfg.augment,
                                   cfg.frontend.norm_std, rng),
-             "labels": torch.from_numpy(data.labels[idx]), "indices": torch.from_numpy(data.memory_row[idx])}
-    for k, v in data.targets.items():
-        batch[f"teacher_{k}"] = torch.from_numpy(v[idx, pos].astype(np.float32))
+             "labels": torch.from_numpy(labels), "indices": torch.from_numpy(rows)}
+    for k, v in teacher.items():
+        batch[f"teacher_{k}"] = torch.from_numpy(v.astype(np.float32))
     return batch
 
 
@@ -345,8 +415,11 @@ def train_student(cfg: StudentConfig, out_dir: Path, export: Path | None = None)
     student = Student(cfg, n_classes)
     model: nn.Module = nn.parallel.DistributedDataParallel(student) if world > 1 else student
     opt = torch.optim.AdamW(student.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-    memory = (CRDMemory(torch.from_numpy(data.labels[data.train_idx]), momentum=cfg.loss.crd_momentum,
-                        seed=cfg.seed) if cfg.loss.gamma > 0 else None)
+    memory_labels = data.labels[data.train_idx]
+    if data.mixes is not None:  # one unlabelled row per mix
+        memory_labels = np.concatenate([memory_labels, np.full(len(data.mixes["x"]), -1)])
+    memory = (CRDMemory(torch.from_numpy(memory_labels), momentum=cfg.loss.crd_momentum, seed=cfg.seed)
+              if cfg.loss.gamma > 0 else None)
     n_params, macs = parameter_count(student.encoder.network), student.encoder.macs_per_second()
     if rank == 0:
         print(f"{cfg.model} (blocks {cfg.norm}, output {cfg.output_norm}): {n_params:,} parameters, "

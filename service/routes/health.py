@@ -7,29 +7,36 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from sceneprint.service.deps import ScenesDep
+from sceneprint.service.deps import CLASSIFY, ScenesDep
+from sceneprint.service.errors import PROBLEM_JSON
+from sceneprint.service.keys import KeyRing
+from sceneprint.service.routes.responses import PROBLEM_REF, problems
 from sceneprint.service.schemas import Health, Readiness
 
 router = APIRouter(tags=["health"])
 
 
-@router.get("/healthz", response_model=Health)
+@router.get("/healthz", response_model=Health, responses=problems())
 async def healthz() -> Health:
     """The process is up."""
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Readiness, responses={503: {"model": Readiness}})
+@router.get("/readyz", response_model=Readiness, responses={503: {
+    "description": "Still loading (a Readiness document), or too many open connections (a problem document)",
+    "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}},
+                PROBLEM_JSON: {"schema": PROBLEM_REF}}}})
 async def readyz(request: Request) -> Any:
-    """The model and the index are loaded."""
+    """The model, the index and the API keys are loaded; says whether the service runs open (no key exists)."""
     scenes = getattr(request.app.state, "scenes", None)
-    if scenes is None:
+    keys: KeyRing | None = getattr(request.app.state, "keys", None)
+    if scenes is None or keys is None:
         return JSONResponse(status_code=503, content=Readiness(status="loading").model_dump())
-    return Readiness(status="ready", model_version=scenes.model.version, scenes_indexed=len(scenes.index),
-                     unknown_threshold=scenes.unknown_threshold)
+    return Readiness(status="ready", access="open" if keys.open else "keys", model_version=scenes.model.version,
+                     scenes_indexed=len(scenes.index), unknown_threshold=scenes.unknown_threshold)
 
 
-@router.get("/model")
+@router.get("/model", dependencies=[CLASSIFY], responses=problems(401, 403))
 async def model(scenes: ScenesDep) -> dict[str, Any]:
     """The running encoder bundle's manifest."""
     return scenes.model.manifest.to_json()

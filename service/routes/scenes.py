@@ -2,58 +2,67 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, File, Response, UploadFile, status
-from starlette.concurrency import run_in_threadpool
+from typing import Annotated
 
-from sceneprint.service.deps import ScenesDep
-from sceneprint.service.routes.uploads import PROBLEM_RESPONSES, read_uploads
-from sceneprint.service.scenes import SceneInfo
-from sceneprint.service.schemas import SceneList, ScenePublic
+from fastapi import APIRouter, Path, Request, Response, status
 
-router = APIRouter(prefix="/scenes", tags=["scenes"])
+from sceneprint.service.deps import CLASSIFY, ENROLL, ScenesDep, SettingsDep
+from sceneprint.service.routes.responses import UPLOAD, multipart_files, problems
+from sceneprint.service.routes.uploads import read_files
+from sceneprint.service.scenes import check_scene_name
+from sceneprint.service.schemas import SCENE_NAME_PATTERN, SceneList, ScenePublic
+from sceneprint.service.settings import Settings
 
 # Scene names are matched with the path converter so that names containing '/' reach validation
-# (422 invalid_scene_name) instead of falling through to a 404.
+# (422 invalid_scene_name) instead of falling through to a 404. The service checks the pattern (one
+# rule, one error code); the schema states it.
+SceneName = Annotated[str, Path(description="1-64 characters of a-z, 0-9, '-' and '_'.",
+                                json_schema_extra={"pattern": SCENE_NAME_PATTERN, "minLength": 1, "maxLength": 64})]
 
 
-def public(info: SceneInfo) -> ScenePublic:
-    return ScenePublic(name=info.name, clips=info.clips, model_version=info.model_version, created_at=info.created_at)
+def build_router(settings: Settings) -> APIRouter:
+    """The scene routes; their documented upload limits are the settings'."""
+    router = APIRouter(prefix="/scenes", tags=["scenes"])
+    n, per_file = settings.clips_per_enrollment, settings.max_upload_bytes
 
+    @router.post("/{name:path}/enroll", status_code=status.HTTP_201_CREATED, response_model=ScenePublic,
+                 dependencies=[ENROLL], responses=problems(*UPLOAD, 409),
+                 openapi_extra=multipart_files("files", min_items=n, max_items=n, max_file_bytes=per_file,
+                                               description=f"Exactly {n} audio clips of the scene."))
+    async def enroll_scene(name: SceneName, request: Request, scenes: ScenesDep, settings: SettingsDep) -> ScenePublic:
+        """Create a scene from five clips; all or nothing."""
+        check_scene_name(name)  # before the upload is read
+        uploads = await read_files(request, field_name="files", max_files=settings.clips_per_enrollment,
+                                   max_file_bytes=settings.max_upload_bytes)
+        return await scenes.enroll(name, uploads)
 
-@router.post("/{name:path}/enroll", status_code=status.HTTP_201_CREATED, response_model=ScenePublic,
-             responses=PROBLEM_RESPONSES)
-async def enroll_scene(name: str, scenes: ScenesDep,
-                       files: list[UploadFile] = File(description="Exactly five audio clips of the scene.")
-                       ) -> ScenePublic:
-    """Create a scene from five clips; all or nothing."""
-    uploads = await read_uploads(files)
-    return public(await run_in_threadpool(scenes.enroll, name, uploads))
+    @router.post("/{name:path}/clips", response_model=ScenePublic, dependencies=[ENROLL],
+                 responses=problems(*UPLOAD, 404, 409),
+                 openapi_extra=multipart_files("files", min_items=1, max_items=n, max_file_bytes=per_file,
+                                               description=f"One to {n} more clips of the scene."))
+    async def add_clips(name: SceneName, request: Request, scenes: ScenesDep, settings: SettingsDep) -> ScenePublic:
+        """Add clips to an existing scene and update its prototype."""
+        check_scene_name(name)
+        uploads = await read_files(request, field_name="files", max_files=settings.clips_per_enrollment,
+                                   max_file_bytes=settings.max_upload_bytes)
+        return await scenes.add_clips(name, uploads)
 
+    @router.get("", response_model=SceneList, dependencies=[CLASSIFY], responses=problems(401, 403))
+    async def list_scenes(scenes: ScenesDep) -> SceneList:
+        """All enrolled scenes, by name."""
+        return SceneList(scenes=await scenes.list_scenes())
 
-@router.post("/{name:path}/clips", response_model=ScenePublic, responses=PROBLEM_RESPONSES)
-async def add_clips(name: str, scenes: ScenesDep,
-                    files: list[UploadFile] = File(description="One to five more clips of the scene.")
-                    ) -> ScenePublic:
-    """Add clips to an existing scene and update its prototype."""
-    uploads = await read_uploads(files)
-    return public(await run_in_threadpool(scenes.add_clips, name, uploads))
+    @router.get("/{name:path}", response_model=ScenePublic, dependencies=[CLASSIFY],
+                responses=problems(401, 403, 404, 422))
+    async def get_scene(name: SceneName, scenes: ScenesDep) -> ScenePublic:
+        """One scene."""
+        return await scenes.get_scene(name)
 
+    @router.delete("/{name:path}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
+                   dependencies=[ENROLL], responses=problems(401, 403, 404, 422))
+    async def delete_scene(name: SceneName, scenes: ScenesDep) -> Response:
+        """Delete a scene, its clips and its audio."""
+        await scenes.delete_scene(name)
+        return Response(status_code=status.HTTP_204_NO_CONTENT)
 
-@router.get("", response_model=SceneList)
-async def list_scenes(scenes: ScenesDep) -> SceneList:
-    """All enrolled scenes, by name."""
-    return SceneList(scenes=[public(s) for s in await run_in_threadpool(scenes.list_scenes)])
-
-
-@router.get("/{name:path}", response_model=ScenePublic, responses=PROBLEM_RESPONSES)
-async def get_scene(name: str, scenes: ScenesDep) -> ScenePublic:
-    """One scene."""
-    return public(await run_in_threadpool(scenes.get_scene, name))
-
-
-@router.delete("/{name:path}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
-               responses=PROBLEM_RESPONSES)
-async def delete_scene(name: str, scenes: ScenesDep) -> Response:
-    """Delete a scene, its clips and its audio."""
-    await run_in_threadpool(scenes.delete_scene, name)
-    return Response(status_code=status.HTTP_204_NO_CONTENT)
+    return router

@@ -55,6 +55,7 @@ BAD_CLIPS = {
     "silent:dc": af.wav(np.full(32_000, 0.3, dtype=np.float32), subtype="FLOAT"),
     "non_finite:nan": float_wav_with(np.nan),
     "non_finite:inf": float_wav_with(np.inf),
+    "unsupported_audio:rate_0hz": af.raw_wav_header(0, 1, 100, data=b"\x01\x00" * 100),
     "unsupported_audio:rate_1hz": af.raw_wav_header(1, 1, 100, data=b"\x01\x00" * 100),
     "unsupported_audio:64_channels": af.raw_wav_header(32_000, 64, 8000, data=b"\x01\x00" * 64 * 8000),
 }
@@ -83,13 +84,9 @@ def test_content_type_and_file_name_do_not_decide_the_format(client: TestClient)
 
 @pytest.mark.parametrize("n", [0, 4, 6])
 def test_enroll_with_the_wrong_number_of_clips_is_refused(n: int, client: TestClient, tmp_path: Path) -> None:
-    files = clip_files(n=n) if n else [("other", ("x", b"x"))]
-    r = client.post("/scenes/kitchen/enroll", files=files)
-    if n == 0:  # no `files` field at all: a validation error of the request itself
-        problem_of(r, 422, "validation_error")
-    else:
-        body = problem_of(r, 422, "wrong_clip_count")
-        assert body["expected"] == 5 and body["received"] == n
+    files = clip_files(n=n) if n else [("other", ("x", b"x"))]  # 0: no `files` part at all
+    body = problem_of(client.post("/scenes/kitchen/enroll", files=files), 422, "wrong_clip_count")
+    assert body["expected"] == 5 and body["received"] == n
     assert_nothing_stored(client, tmp_path / "data")
 
 
@@ -133,12 +130,26 @@ def test_top_k_is_capped_by_the_number_of_scenes(client: TestClient) -> None:
 
 
 def test_missing_field_malformed_body_and_wrong_content_type_are_4xx(client: TestClient) -> None:
-    problem_of(client.post("/classify", files={"wrong": ("q.wav", GOOD)}), 422, "validation_error")
+    body = problem_of(client.post("/classify", files={"wrong": ("q.wav", GOOD)}), 422, "wrong_clip_count")
+    assert body["expected"] == 1 and body["received"] == 0
     r = client.post("/classify", content=b"--xyz\r\nContent-Disposition: form-data; name=\"file\"\r\n\r\nabc",
                     headers={"content-type": "multipart/form-data; boundary=xyz"})
-    assert 400 <= r.status_code < 500 and r.headers["content-type"] == "application/problem+json"
-    r = client.post("/classify", json={"file": "abc"})
-    assert r.status_code == 422 and r.json()["code"] == "validation_error"
+    problem_of(r, 400, "malformed_request")
+    problem_of(client.post("/classify", json={"file": "abc"}), 415, "unsupported_media_type")
+    problem_of(client.post("/scenes/kitchen/enroll", content=b"x"), 415, "unsupported_media_type")
+
+
+def test_two_files_to_classify_are_refused_not_half_used(client: TestClient) -> None:
+    files = [("file", ("a.wav", GOOD, "audio/wav")), ("file", ("b.wav", af.wav(af.scene_clip("birds", 2))))]
+    body = problem_of(client.post("/classify", files=files), 422, "wrong_clip_count")
+    assert body["expected"] == 1 and body["received"] == 2
+
+
+def test_undecodable_audio_lists_the_formats_and_carries_no_python_repr(client: TestClient) -> None:
+    body = problem_of(client.post("/classify", files={"file": ("q.wav", b"just text" * 100)}), 422,
+                      "undecodable_audio")
+    assert "WAV" in body["detail"] and "FLAC" in body["detail"] and "MP3" in body["detail"]
+    assert " at 0x" not in body["detail"] and "<" not in body["detail"] and "_io." not in body["detail"]
 
 
 @pytest.mark.parametrize("filename", ["../../etc/passwd", "a\x00b.wav", "x" * 1_000 + ".wav", "звук 🎵.wav"])
@@ -150,11 +161,18 @@ def test_client_file_names_are_never_paths(filename: str, client: TestClient, tm
     assert not (tmp_path / "etc").exists()
 
 
-def test_a_10000_character_file_name_is_a_clean_400_and_nothing_is_stored(client: TestClient, tmp_path: Path) -> None:
-    # The multipart parser bounds part headers; such a request is malformed, never a 500.
-    files = [*clip_files(n=4), ("files", ("x" * 10000 + ".wav", GOOD, "audio/wav"))]
-    problem_of(client.post("/scenes/kitchen/enroll", files=files), 400, "malformed_request")
-    assert_nothing_stored(client, tmp_path / "data")
+def test_a_10000_character_file_name_is_accepted_and_shortened_for_display(client: TestClient) -> None:
+    long_name = "x" * 10_000 + ".wav"
+    files = [*clip_files(n=4), ("files", (long_name, b"not audio at all" * 10, "audio/wav"))]
+    body = problem_of(client.post("/scenes/kitchen/enroll", files=files), 422, "undecodable_audio")
+    assert body["file"].startswith("xxx") and body["file"].endswith("x.wav") and len(body["file"]) <= 255
+    files = [*clip_files(n=4), ("files", (long_name, GOOD, "audio/wav"))]
+    assert client.post("/scenes/kitchen/enroll", files=files).status_code == 201
+
+
+def test_a_part_header_past_the_parser_bound_is_a_clean_400(client: TestClient) -> None:
+    files = [("file", ("x" * 100_000 + ".wav", GOOD, "audio/wav"))]
+    problem_of(client.post("/classify", files=files), 400, "malformed_request")
 
 
 def test_a_file_over_the_byte_limit_is_413_naming_it(client_factory: ClientFactory) -> None:
@@ -177,15 +195,16 @@ def test_a_full_disk_during_enrollment_is_503_and_nothing_is_half_written(
     calls = 0
     real_put = ClipStore.put
 
-    def failing_put(self: ClipStore, data: bytes) -> str:
+    def failing_put(self: ClipStore, data: bytes, sha256: str) -> None:
         nonlocal calls
         calls += 1
         if calls == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_put(self, data)
+            raise OSError(errno.ENOSPC, "No space left on device", "/data/clips/ab/secret-path")
+        real_put(self, data, sha256)
 
     monkeypatch.setattr(ClipStore, "put", failing_put)
-    problem_of(client.post("/scenes/kitchen/enroll", files=clip_files()), 503, "storage_unavailable")
+    body = problem_of(client.post("/scenes/kitchen/enroll", files=clip_files()), 503, "storage_unavailable")
+    assert "secret-path" not in body["detail"]  # no file-system path in a response
     assert [s["name"] for s in client.get("/scenes").json()["scenes"]] == ["existing"]
     assert len(list((tmp_path / "data" / "clips").glob("??/*"))) == 5  # only the existing scene's audio
     assert client.post("/classify", files={"file": ("q.wav", GOOD)}).status_code == 200

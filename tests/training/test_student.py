@@ -130,3 +130,19 @@ def test_two_ddp_processes_on_cpu_agree_with_one_process_on_the_same_batches(
     for name, value in single.items():
         torch.testing.assert_close(ranks[0][name], ranks[1][name])  # replicas stay identical
         torch.testing.assert_close(ranks[0][name], value, atol=1e-5, rtol=1e-4)
+
+
+def test_unlabelled_mixes_join_every_batch_with_teacher_targets_and_no_label(teacher_run: tuple[Path, Path],
+                                                                             tmp_path: Path) -> None:
+    cfg = student_config(teacher_run, tmp_path, "optim.mix_bank=12", "optim.mix_per_batch=4",
+                         "loss.embed_weight=1.0")
+    data = load_training_data(cfg)
+    assert data.mixes is not None and data.mixes["x"].shape == (12, 128, 96)
+    batch = make_batch(data, cfg, data.train_idx[:8], np.random.default_rng(0))
+    assert batch["x"].shape[0] == 12 and (batch["labels"][8:] == -1).all()
+    assert (batch["indices"][8:] >= len(data.train_idx)).all()  # their own rows in the CRD memory
+    assert batch["teacher_embedding"].shape == (12, 1024)
+    results = train_student(cfg, tmp_path / "run")
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert record["train_embed"] > 0 and np.isfinite(record["train_loss"])
+    assert results["heldout_fewshot"]

