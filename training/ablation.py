@@ -41,6 +41,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                                                    "loss.embed_weight=1.0"])
        for size in ("60k", "110k") for seed in (0, 1, 2)},
     "contrastasc-crdemb-60k-s0": (CONTRASTASC, ["loss.crd_teacher=embedding"]),
+    # ... and unlabelled waveform mixes of two training clips in every batch.
+    **{f"embmix-{size}-s{seed}": (CONTRASTASC, [f"model=cpmobile_{size}", f"seed={seed}", "loss.embed_weight=1.0",
+                                               "optim.mix_bank=3000", "optim.mix_per_batch=32"])
+       for size in ("60k", "110k") for seed in (0, 1, 2)},
     "student-alone-60k-s0": (CONTRASTASC, ['teacher=""', "loss.alpha=1", "loss.beta=0", "loss.gamma=0"]),
 }
 EVALS = [("prototype", 5), ("logreg", 5), ("prototype", 10), ("logreg", 10)]
