@@ -25,7 +25,8 @@ def render(bundle: Path) -> str:
     lines = [
         f"# {m.model_version}",
         "",
-        f"Encoder bundle `{bundle.name}`: CP-Mobile, {m.network.norm} normalisation, {m.parameter_count:,} parameters, "
+        f"Encoder bundle `{bundle.name}`: CP-Mobile ({m.network.norm} normalisation in the blocks, output "
+        f"normalisation {m.network.output_norm}), {m.parameter_count:,} parameters, "
         f"{m.macs_per_second / 1e6:.1f} M MACs per second of audio (network only), {m.embedding_dim}-d embedding, "
         f"{m.sample_rate} Hz input, {m.frontend.n_mels} mel bands, {hop_ms:.0f} ms hop; audio longer than "
         f"{m.window.window_seconds:g} s is embedded over windows {m.window.hop_seconds:g} s apart. Created "
@@ -40,6 +41,7 @@ def render(bundle: Path) -> str:
         "## Training",
         "",
         f"- Recipe: {t.get('recipe', 'unknown')}.",
+        *([f"- Teacher: {t['teacher']}; {t.get('licenses', {}).get('teacher', '')}."] if "teacher" in t else []),
         f"- Data: {data.get('dataset', '?')}, split `{data.get('split', '?')}`: {data.get('train_clips', '?')} "
         f"training clips, {data.get('val_clips', '?')} validation clips (recordings disjoint from training).",
         f"- Classes trained on ({len(data.get('classes', []))}): {', '.join(data.get('classes', []))}.",
@@ -73,6 +75,19 @@ def render(bundle: Path) -> str:
             f"the best balanced accuracy, **{open_set['threshold']:.3f}**: it accepts "
             f"{100 * open_set['known_accepted']:.1f}% of queries of enrolled scenes and reports "
             f"{100 * open_set['unknown_rejected']:.1f}% of the others as unknown.",
+        ]
+    card = e.get("complexity")
+    if card:
+        cpu = card["cpu"][0]
+        lines += [
+            "",
+            "## Complexity",
+            "",
+            f"{card['parameters']:,} parameters; {card['frontend_macs_per_second'] / 1e6:.1f} M MACs per second of "
+            f"audio in the front-end and {card['network_macs_per_second'] / 1e6:.1f} M in the network; one 5 s clip at "
+            f"batch 1 took {cpu['embed_clip']['median_ms']:.1f} ms (median, {cpu['threads']} thread, measured at "
+            f"export) against a compute floor of {cpu['floor_ms']:.2f} ms at the measured matmul rate "
+            f"({cpu['matmul_gflops']:.0f} GFLOP/s).",
         ]
     lines.append("")
     return "\n".join(lines)
