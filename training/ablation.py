@@ -41,6 +41,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                                                    "loss.embed_weight=1.0"])
        for size in ("60k", "110k") for seed in (0, 1, 2)},
     "contrastasc-crdemb-60k-s0": (CONTRASTASC, ["loss.crd_teacher=embedding"]),
+    # ... and the frozen AudioSet YAMNet's 521 scores (binary cross-entropy), the knowledge of 521 classes.
+    **{f"audioset-{size}-s{seed}": (CONTRASTASC, [f"model=cpmobile_{size}", f"seed={seed}", "loss.embed_weight=1.0",
+                                                 "loss.audioset_weight=0.3"])
+       for size in ("60k", "110k") for seed in (0, 1, 2)},
     # ... and unlabelled waveform mixes of two training clips in every batch.
     **{f"embmix-{size}-s{seed}": (CONTRASTASC, [f"model=cpmobile_{size}", f"seed={seed}", "loss.embed_weight=1.0",
                                                "optim.mix_bank=3000", "optim.mix_per_batch=32"])

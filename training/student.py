@@ -41,7 +41,7 @@ from sceneprint.encoder import Encoder, WindowConfig
 from sceneprint.frontend import LogMelConfig
 from sceneprint.training.checkpoint import load_checkpoint, save_checkpoint
 from sceneprint.training.data import ClipMeta, FewShotSplit, cached_logmels, dev_data_root, load_meta, load_split
-from sceneprint.training.evaluate import heldout_report
+from sceneprint.training.evaluate import calibrated_threshold, heldout_report
 from sceneprint.training.fewshot import evaluate
 from sceneprint.training.heads import CosineClassifier, ProjectionMLP
 from sceneprint.training.losses import CRDMemory, distill_loss
@@ -102,6 +102,9 @@ class LossConfig:
     # through a linear map from the student's embedding, as 1 - cosine. It carries what the teacher
     # knows beyond the training classes, which KD (training-class logits) and a 128-d projection do not.
     embed_weight: float = 0.0
+    # Beyond the paper: binary cross-entropy to the AudioSet-pretrained YAMNet's 521 scores (its sigmoid
+    # outputs, frozen weights) through a linear head: the teacher's knowledge of 521 classes, not 30.
+    audioset_weight: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,8 @@ class StudentConfig:
             raise ValueError(f"data.classes must be 'train' or 'all', not {self.data.classes!r}")
         if self.loss.crd_teacher not in ("projection", "embedding"):
             raise ValueError(f"loss.crd_teacher must be 'projection' or 'embedding', not {self.loss.crd_teacher!r}")
+        if self.optim.mix_bank and self.loss.audioset_weight:
+            raise ValueError("the mix bank holds no AudioSet scores: use optim.mix_bank or loss.audioset_weight")
         if not self.teacher and (self.loss.beta or self.loss.gamma):
             raise ValueError("without a teacher, loss.beta and loss.gamma must be 0 (CE alone)")
 
@@ -151,6 +156,8 @@ class Student(nn.Module):
         self.teacher_embed = nn.Linear(1024, 128) if cfg.loss.crd_teacher == "embedding" else None
         # Only for embed_weight > 0: the student's map to the teacher's 1,024-d embedding (not in the bundle).
         self.embed_head = nn.Linear(d, 1024) if cfg.loss.embed_weight > 0 else None
+        # Only for audioset_weight > 0: logits of the 521 AudioSet classes (not in the bundle).
+        self.audioset_head = nn.Linear(d, 521) if cfg.loss.audioset_weight > 0 else None
 
     def forward(self, logmel: torch.Tensor) -> dict[str, torch.Tensor]:
         """Log-mel crops (B, 1, F, T) -> logits (B, C), CRD embedding (B, 128) and, if used, (B, 1024)."""
@@ -158,6 +165,8 @@ class Student(nn.Module):
         out = {"logits": self.classifier(z), "projection": self.projection(z)}
         if self.embed_head is not None:
             out["embedding"] = self.embed_head(z)
+        if self.audioset_head is not None:
+            out["audioset"] = self.audioset_head(z)
         return out
 
 
@@ -205,6 +214,31 @@ def teacher_targets(run_dir: Path, root: Path, meta: list[ClipMeta], hop: int, c
     np.savez(tmp, **result)  # type: ignore[arg-type]
     os.replace(tmp, path)
     return result
+
+
+def audioset_targets(root: Path, meta: list[ClipMeta], hop: int, cache_dir: Path, positions: int,
+                     frontend: Any) -> np.ndarray:
+    """The pretrained (frozen) YAMNet's 521 AudioSet scores (N, P, 521) at every crop position, cached."""
+    from sceneprint.yamnet import pretrained_yamnet
+
+    names = hashlib.sha256("\n".join(c.filename for c in meta).encode()).hexdigest()[:12]
+    path = cache_dir / f"audioset-scores-hop{hop}-p{positions}-{names}.npy"
+    if path.is_file():
+        return np.load(path)
+    model = pretrained_yamnet()
+    feats = yamnet_logmels(root, meta, frontend, cache_dir)  # (N, 64, T)
+    out = []
+    with torch.inference_mode():
+        for i in tqdm(range(len(meta)), desc="AudioSet scores", unit="clip"):
+            x = torch.from_numpy(feats[i].T.astype(np.float32))  # (T, 64)
+            patches = torch.stack([x[p * hop : p * hop + CROP_FRAMES] for p in range(positions)])  # (P, 96, 64)
+            out.append(torch.sigmoid(model(patches)[1]).numpy().astype(np.float16))
+    scores = np.stack(out)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, scores)
+    os.replace(tmp, path)
+    return scores
 
 
 # ---- augmentation (student side only) ----
@@ -308,6 +342,10 @@ def load_training_data(cfg: StudentConfig) -> TrainingData:
             keys = ("logits", "projection", "embedding")
         targets = teacher_targets(Path(cfg.teacher), root, meta, cfg.teacher_hop_frames, Path(cfg.data.cache_dir),
                                   positions, keys)
+        if cfg.loss.audioset_weight > 0:
+            _, tcfg, _ = load_teacher(Path(cfg.teacher))
+            targets["audioset"] = audioset_targets(root, meta, cfg.teacher_hop_frames, Path(cfg.data.cache_dir),
+                                                   positions, tcfg.frontend)
         _, _, teacher_classes = load_teacher(Path(cfg.teacher))
         if teacher_classes != classes:
             # KD needs the teacher's logits over the student's classes, in the same order.
@@ -440,7 +478,7 @@ def train_student(cfg: StudentConfig, out_dir: Path, export: Path | None = None)
     slices = max(world, cfg.ghost_batches)
     for epoch in range(start_epoch, o.epochs):
         student.train()
-        t0, sums, seen = time.time(), {"loss": 0.0, "ce": 0.0, "kd": 0.0, "crd": 0.0, "embed": 0.0}, 0
+        t0, sums, seen = time.time(), {"loss": 0.0, "ce": 0.0, "kd": 0.0, "crd": 0.0, "embed": 0.0, "audioset": 0.0}, 0
         order = rng.permutation(samples)
         bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{o.epochs}", leave=False, disable=rank != 0)
         for step in bar:
@@ -513,6 +551,12 @@ def step_loss(model: nn.Module, student: Student, batch: dict[str, torch.Tensor]
         cos = F.cosine_similarity(out["embedding"], batch["teacher_embedding"], dim=1)  # (B,)
         losses["embed"] = (1 - cos).mean()
         losses["loss"] = losses["loss"] + lc.embed_weight * losses["embed"]
+    losses["audioset"] = torch.zeros(())
+    if lc.audioset_weight > 0:
+        # Summed over the 521 classes, averaged over the batch (like KD's batchmean), so its weight compares.
+        bce = F.binary_cross_entropy_with_logits(out["audioset"], batch["teacher_audioset"], reduction="none")
+        losses["audioset"] = bce.sum(dim=1).mean()
+        losses["loss"] = losses["loss"] + lc.audioset_weight * losses["audioset"]
     return losses
 
 
@@ -553,7 +597,7 @@ def export_student(encoder: Encoder, export: Path, cfg: StudentConfig, data: Tra
     # machine are noisy: docs/complexity.md holds a one-run comparison of every size).
     card = complexity_card(encoder, repeats=10, threads=(1,))
     save_bundle(export, encoder.eval(), model_version=cfg.model_version, evaluation={**results, "complexity": card},
-                training={
+                unknown_threshold=calibrated_threshold(results), training={
         "recipe": (f"ContrastASC stage 2: {cfg.loss.alpha:g} CE + {cfg.loss.beta:g} KD (T={cfg.loss.kd_temperature:g})"
                    f" + {cfg.loss.gamma:g} CRD (T={cfg.loss.crd_temperature:g}) from the teacher; 0.96 s crops; "
                    "Freq-MixStyle, masking, time roll, frequency shift"),
