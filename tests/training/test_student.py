@@ -146,3 +146,17 @@ def test_unlabelled_mixes_join_every_batch_with_teacher_targets_and_no_label(tea
     (record,) = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     assert record["train_embed"] > 0 and np.isfinite(record["train_loss"])
     assert results["heldout_fewshot"]
+
+
+def test_audioset_scores_of_the_frozen_teacher_are_a_target_per_crop(teacher_run: tuple[Path, Path],
+                                                                      tmp_path: Path) -> None:
+    cfg = student_config(teacher_run, tmp_path, "loss.audioset_weight=0.3")
+    data = load_training_data(cfg)
+    scores = data.targets["audioset"]
+    assert scores.shape[2] == 521 and scores.min() >= 0 and scores.max() <= 1  # sigmoid outputs
+    train_student(cfg, tmp_path / "run")
+    (record,) = [json.loads(line) for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert record["train_audioset"] > 0
+    expected = (0.02 * record["train_ce"] + 0.98 * record["train_kd"] + 0.1 * record["train_crd"]
+                + 0.3 * record["train_audioset"])
+    assert record["train_loss"] == pytest.approx(expected, rel=1e-4)
