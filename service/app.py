@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -12,12 +13,13 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import iter_route_contexts
 from fastapi_offline import FastAPIOffline
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.routing import Match
+from starlette.routing import compile_path
 
 from sceneprint import __version__
 from sceneprint.bundle import Manifest, load_bundle
@@ -135,13 +137,20 @@ def _problem_response(request: Request, status: int, code: str, title: str, deta
 
 
 def _allowed_methods(request: Request) -> str:
-    """Every method some route takes at this path (Starlette names only the first route's)."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match is not Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return ", ".join(sorted(methods))
+    """The methods of the resource at this path: every route of its most specific matching path template.
+
+    Starlette's 405 names only the first route's methods; and ``/scenes/x/enroll`` also matches
+    ``/scenes/{name:path}``, which is not the resource the client addressed.
+    """
+    path = request.scope["path"]
+    by_template: dict[str, set[str]] = {}
+    for route in iter_route_contexts(request.app.routes):
+        if route.methods and route.path and compile_path(route.path)[0].fullmatch(path):
+            by_template.setdefault(route.path, set()).update(route.methods)
+    if not by_template:
+        return ""
+    best = max(by_template, key=lambda template: len(re.sub(r"{[^}]*}", "", template)))
+    return ", ".join(sorted(by_template[best]))
 
 
 def _install_error_handlers(app: FastAPI) -> None:

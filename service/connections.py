@@ -113,7 +113,7 @@ class GuardedH11Protocol(H11Protocol):
         self._timer_kind = ""
         self._counted = False
         shared = self.shared
-        if False:
+        if shared.open >= shared.limits.max_connections:
             oldest = next(iter(shared.waiting), None)
             if oldest is None:
                 shared.log.warning("full", "%d connections open, none idle: answering new ones 503",
@@ -133,6 +133,8 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self.transport.is_closing():
+            return  # refused, timed out or closed to make room: nothing it sends is served
         if self._counted and self.conn.their_state is h11.IDLE and self._timer is None:
             self._wait_for_headers()  # the first byte of a request on a kept-alive connection
         super().data_received(data)
@@ -150,7 +152,7 @@ class GuardedH11Protocol(H11Protocol):
 
     def _wait_for_headers(self) -> None:
         self.shared.waiting[self] = None
-        pass
+        self._arm("headers", self.shared.limits.header_timeout_s, self._headers_timed_out)
 
     def _arm(self, kind: str, seconds: float, callback: Callable[[], None]) -> None:
         self._cancel_timer()
@@ -163,7 +165,7 @@ class GuardedH11Protocol(H11Protocol):
         self.shared.waiting.pop(self, None)
         if self.conn.their_state is h11.SEND_BODY:
             if self._timer is None or self._timer_kind != "body":
-                pass
+                self._arm("body", self.shared.limits.body_timeout_s, self._body_timed_out)
         else:
             self._cancel_timer()
 
@@ -236,7 +238,7 @@ def make_server(app: Any, settings: Settings, *, host: str, port: int, log_level
                               max_connections=settings.max_connections)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=guarded_protocol(limits), ws="none",
                             lifespan="on", timeout_keep_alive=settings.keep_alive_timeout_s,
-                            timeout_graceful_shutdown=None)
+                            timeout_graceful_shutdown=settings.shutdown_grace_s)
     return SceneprintServer(config)
 
 

@@ -155,6 +155,12 @@ def heldout_report(encoder: ClipEncoder, root: Path, meta: list[ClipMeta], split
     }
 
 
+def calibrated_threshold(report: dict[str, Any]) -> float | None:
+    """The unknown threshold a ``heldout_report`` calibrated (the manifest's typed field), if it has one."""
+    open_set = report.get("heldout_open_set_5way_5shot")
+    return float(open_set["threshold"]) if open_set else None
+
+
 def run_evaluate(*, bundle: Path | None, baseline: str | None, data: Path, layout: str, split: str | None,
                  subset: str | None, shots: int, ways: int | None, episodes: int, seed: int, probe: Probe,
                  grid: bool) -> dict[str, Any]:

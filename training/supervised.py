@@ -31,7 +31,7 @@ from sceneprint.cpmobile import Norm, OutputNorm, parameter_count, preset
 from sceneprint.encoder import Encoder, WindowConfig, network_macs_per_second
 from sceneprint.frontend import LogMelConfig
 from sceneprint.training.data import ClipMeta, FewShotSplit, cached_logmels, dev_data_root, load_meta, load_split
-from sceneprint.training.evaluate import heldout_report
+from sceneprint.training.evaluate import calibrated_threshold, heldout_report
 from sceneprint.training.fewshot import evaluate
 from sceneprint.training.heads import CosineClassifier
 from sceneprint.training.schedule import lr_at
@@ -212,7 +212,7 @@ def train(cfg: TrainConfig, out_dir: Path, export: Path | None) -> dict[str, Any
     if export is not None:
         save_bundle(export, encoder, model_version=cfg.model_version,
                     training=training_summary(cfg, meta, classes, split.heldout_classes, train_idx, val_idx),
-                    evaluation=results)
+                    evaluation=results, unknown_threshold=calibrated_threshold(results))
         print(f"bundle written to {export}")
     return results
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Request, Response, status
+from starlette.convertors import Convertor, register_url_convertor
 
 from sceneprint.service.deps import CLASSIFY, ENROLL, ScenesDep, SettingsDep
 from sceneprint.service.routes.responses import UPLOAD, multipart_files, problems
@@ -13,9 +14,23 @@ from sceneprint.service.scenes import check_scene_name
 from sceneprint.service.schemas import SCENE_NAME_PATTERN, SceneList, ScenePublic
 from sceneprint.service.settings import Settings
 
-# Scene names are matched with the path converter so that names containing '/' reach validation
-# (422 invalid_scene_name) instead of falling through to a 404. The service checks the pattern (one
-# rule, one error code); the schema states it.
+
+class SceneNameConvertor(Convertor[str]):
+    """A scene name in a path, matched loosely so that names containing '/' reach validation (422
+    ``invalid_scene_name``) instead of falling through to a 404; but not a path that ends in a scene's
+    sub-resource (``/enroll``, ``/clips``), which belongs to those routes (GET there is a 405)."""
+
+    regex = r"(?!.*/(?:enroll|clips)$).*"
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
+
+
+register_url_convertor("scene", SceneNameConvertor())
+# The service checks the name's pattern (one rule, one error code); the schema states it.
 SceneName = Annotated[str, Path(description="1-64 characters of a-z, 0-9, '-' and '_'.",
                                 json_schema_extra={"pattern": SCENE_NAME_PATTERN, "minLength": 1, "maxLength": 64})]
 
@@ -52,13 +67,13 @@ def build_router(settings: Settings) -> APIRouter:
         """All enrolled scenes, by name."""
         return SceneList(scenes=await scenes.list_scenes())
 
-    @router.get("/{name:path}", response_model=ScenePublic, dependencies=[CLASSIFY],
+    @router.get("/{name:scene}", response_model=ScenePublic, dependencies=[CLASSIFY],
                 responses=problems(401, 403, 404, 422))
     async def get_scene(name: SceneName, scenes: ScenesDep) -> ScenePublic:
         """One scene."""
         return await scenes.get_scene(name)
 
-    @router.delete("/{name:path}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
+    @router.delete("/{name:scene}", status_code=status.HTTP_204_NO_CONTENT, response_class=Response,
                    dependencies=[ENROLL], responses=problems(401, 403, 404, 422))
     async def delete_scene(name: SceneName, scenes: ScenesDep) -> Response:
         """Delete a scene, its clips and its audio."""

@@ -55,7 +55,8 @@ def read_response(sock: socket.socket) -> tuple[int, dict, dict[str, str]]:
         raise ConnectionError("the server closed the connection without a response")
     lines = head.split(b"\r\n")
     status = int(lines[0].split(b" ")[1])
-    headers = {k.strip().lower().decode(): v.strip().decode() for k, _, v in (line.partition(b":") for line in lines[1:])}
+    pairs = (line.partition(b":") for line in lines[1:])
+    headers = {k.strip().lower().decode(): v.strip().decode() for k, _, v in pairs}
     length = int(headers["content-length"]) if "content-length" in headers else None
     while length is not None and len(body) < length:
         chunk = sock.recv(65536)
