@@ -57,6 +57,8 @@ def evaluate(
     = "prototype",
     grid: Annotated[bool, typer.Option(help="Also K = 1, 5, 10, 20 x N = 5, all x both probes.")] = False,
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
+    engine: Annotated[str, typer.Option(help="onnx (the bundle's graph, as served), torch (its weights), or auto: "
+                                             "onnx when the bundle has a graph.")] = "auto",
 ) -> None:
     """Few-shot accuracy of a bundle on a folder of labelled recordings (supports and queries from different
     recordings), through the service's decode and embed path."""
@@ -70,7 +72,8 @@ def evaluate(
     else:
         raise typer.BadParameter(f"--probe must be prototype or logreg, not {probe!r}")
     report = run_evaluate(bundle=bundle, baseline=baseline, data=data, layout=layout, split=split, subset=subset,
-                          shots=shots, ways=ways, episodes=episodes, seed=seed, probe=chosen, grid=grid)
+                          shots=shots, ways=ways, episodes=episodes, seed=seed, probe=chosen, grid=grid,
+                          engine=engine)
     typer.echo(format_table(report))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)
@@ -96,10 +99,44 @@ def teacher_bundle(
         "licenses": {"pretrained": LICENSE, "note": "YAMNet is Apache-2.0 (Google); no sceneprint data was used."},
     })
     typer.echo(f"{out}: {m.model_version}, {m.parameter_count:,} parameters, {m.embedding_dim}-d")
+    from sceneprint.export import add_onnx_after_training
+
+    typer.echo(add_onnx_after_training(out))  # the graph the service runs
+
+
+def add_onnx(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory; its graph is written into it.")],
+    int8: Annotated[bool, typer.Option(help="Also write an int8 graph and serve that one.")] = False,
+    quantisation: Annotated[str, typer.Option(help="int8: static (calibrated on clips of the training classes) "
+                                                   "or dynamic.")] = "static",
+    calibration_data: Annotated[Path | None, typer.Option(help="int8 static: the dataset of the training classes "
+                                                              "(default: sceneprint-dev).")] = None,
+    split: Annotated[str, typer.Option(help="int8 static: calibrate on this split's training classes.")]
+    = "fewshot-v1",
+    calibration_clips: Annotated[int, typer.Option(help="int8 static: clips to calibrate on.")] = 64,
+) -> None:
+    """Export a bundle's encoder as the ONNX graph the service runs, checked against torch (needs 'train')."""
+    from sceneprint.export import add_onnx as run
+
+    if quantisation not in ("static", "dynamic"):
+        raise typer.BadParameter(f"--quantisation must be static or dynamic, not {quantisation!r}")
+    waveforms: list[Any] = []
+    if int8 and quantisation == "static":
+        from sceneprint.bundle import read_manifest
+        from sceneprint.training.data import dev_data_root
+        from sceneprint.training.evaluate import calibration_waveforms
+
+        waveforms = calibration_waveforms(dev_data_root(calibration_data), split=split, count=calibration_clips,
+                                          sample_rate=read_manifest(bundle).sample_rate)
+    m = run(bundle, int8=("static" if quantisation == "static" else "dynamic") if int8 else None,
+            calibration=waveforms)
+    assert m.graph is not None
+    typer.echo(f"{bundle / m.graph.file}: {m.graph.precision} graph of {m.model_version} (input: {m.graph.input}), "
+               f"sha256 {m.graph.sha256[:12]}..., named in the manifest")
 
 
 def register(app: typer.Typer) -> None:
-    """Add ``train teacher``, ``train student``, ``evaluate`` and ``teacher-bundle`` to the CLI."""
+    """Add ``train teacher``, ``train student``, ``evaluate``, ``teacher-bundle`` and ``bundle add-onnx`` to the CLI."""
     train_app = typer.Typer(help="Training stages (needs the 'train' extra: torch, and 'teacher' for YAMNet).",
                             no_args_is_help=True)
     train_app.command("teacher")(train_teacher)
@@ -107,3 +144,6 @@ def register(app: typer.Typer) -> None:
     app.add_typer(train_app, name="train")
     app.command()(evaluate)
     app.command("teacher-bundle")(teacher_bundle)
+    bundle_app = typer.Typer(help="Encoder bundles.", no_args_is_help=True)
+    bundle_app.command("add-onnx")(add_onnx)
+    app.add_typer(bundle_app, name="bundle")

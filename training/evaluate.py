@@ -19,10 +19,11 @@ import numpy as np
 from tqdm import tqdm
 
 from sceneprint.audio import ClipLimits, decode_clip
-from sceneprint.bundle import MANIFEST, load_bundle
+from sceneprint.bundle import MANIFEST, load_bundle, read_manifest
 from sceneprint.encoder import ClipEncoder
 from sceneprint.frontend import LogMel, LogMelConfig
 from sceneprint.prototypes import l2_normalize
+from sceneprint.runtime import OnnxEncoder, load_onnx_encoder
 from sceneprint.training.data import ClipMeta, FewShotSplit, cached_logmels, decode_file
 from sceneprint.training.datasets import LabelledClip, read_dataset
 from sceneprint.training.fewshot import Probe, evaluate, logmel_statistics, open_set
@@ -44,9 +45,12 @@ def embed_clips(encoder: ClipEncoder, root: Path, clips: list[ClipMeta]) -> np.n
                      for c in tqdm(clips, desc="embedding clips", leave=False)])
 
 
-def embed_dataset(encoder: ClipEncoder, clips: Sequence[LabelledClip]) -> tuple[np.ndarray, np.ndarray]:
-    """Unit embeddings (the service's) and embeddings before normalisation (a linear probe's) of ``clips``."""
-    encoder.eval()
+def embed_dataset(encoder: ClipEncoder | OnnxEncoder, clips: Sequence[LabelledClip]) -> tuple[np.ndarray, np.ndarray]:
+    """Unit embeddings (the service's) and embeddings before normalisation (a linear probe's) of ``clips``.
+
+    ``encoder`` is the bundle's torch encoder or its ONNX graph (what the service runs); both window a clip
+    with ``sceneprint.windows``.
+    """
     unit, raw = [], []
     for clip in tqdm(clips, desc="embedding clips", unit="clip"):
         wav = decode_clip(clip.path.read_bytes(), sample_rate=encoder.sample_rate, limits=EVAL_LIMITS).waveform
@@ -80,6 +84,21 @@ def select_clips(root: Path, *, layout: str = "auto", split: str | None = None, 
         return clips
     held = set(json.loads((root / "splits" / f"{split}.json").read_text(encoding="utf-8"))["heldout_classes"])
     return [c for c in clips if c.label in held]
+
+
+def calibration_waveforms(root: Path, *, split: str, sample_rate: int, count: int, seed: int = 0,
+                          layout: str = "auto") -> list[np.ndarray]:
+    """``count`` decoded clips of the split's training classes (never held-out ones), drawn with ``seed``.
+
+    What static int8 quantisation calibrates its activation ranges on.
+    """
+    train = set(json.loads((root / "splits" / f"{split}.json").read_text(encoding="utf-8"))["train_classes"])
+    clips = [c for c in read_dataset(root, layout) if c.label in train]
+    if not clips:
+        raise ValueError(f"no clips of the training classes of {split} in {root}")
+    chosen = np.random.default_rng(seed).choice(len(clips), size=min(count, len(clips)), replace=False)
+    return [decode_clip(clips[i].path.read_bytes(), sample_rate=sample_rate, limits=EVAL_LIMITS).waveform
+            for i in sorted(chosen)]
 
 
 def fewshot_figures(unit: np.ndarray, raw: np.ndarray, clips: Sequence[LabelledClip], *, shots: int, ways: int | None,
@@ -163,16 +182,30 @@ def calibrated_threshold(report: dict[str, Any]) -> float | None:
 
 def run_evaluate(*, bundle: Path | None, baseline: str | None, data: Path, layout: str, split: str | None,
                  subset: str | None, shots: int, ways: int | None, episodes: int, seed: int, probe: Probe,
-                 grid: bool) -> dict[str, Any]:
-    """What ``sceneprint evaluate`` does; returns the JSON report."""
+                 grid: bool, engine: str = "auto") -> dict[str, Any]:
+    """What ``sceneprint evaluate`` does; returns the JSON report.
+
+    ``engine``: ``onnx`` embeds through the bundle's ONNX graph (what the service runs: float32 or int8),
+    ``torch`` through its weights; ``auto`` is ``onnx`` when the bundle has a graph.
+    """
     clips = select_clips(data, layout=layout, split=split, subset=subset)
     if not clips:
         raise ValueError(f"no clips to evaluate in {data}")
     if bundle is not None:
-        encoder, manifest = load_bundle(bundle)
-        unit, raw = embed_dataset(encoder, clips)
+        if engine not in ("auto", "onnx", "torch"):
+            raise ValueError(f"engine must be auto, onnx or torch, not {engine!r}")
+        manifest = read_manifest(bundle)
+        if engine == "onnx" or (engine == "auto" and manifest.graph is not None):
+            onnx_encoder = load_onnx_encoder(bundle)
+            unit, raw = embed_dataset(onnx_encoder, clips)
+            assert onnx_encoder.manifest.graph is not None
+            used = f"onnx ({onnx_encoder.manifest.graph.precision})"
+        else:
+            encoder, manifest = load_bundle(bundle)
+            unit, raw = embed_dataset(encoder, clips)
+            used = "torch"
         source = {"bundle": str(bundle), "model_version": manifest.model_version,
-                  "architecture": manifest.architecture}
+                  "architecture": manifest.architecture, "engine": used}
     elif baseline == "logmel-stats":
         raw = logmel_baseline(clips)
         unit = l2_normalize(raw)

@@ -600,7 +600,13 @@ def export_student(encoder: Encoder, export: Path, cfg: StudentConfig, data: Tra
                 unknown_threshold=calibrated_threshold(results), training={
         "recipe": (f"ContrastASC stage 2: {cfg.loss.alpha:g} CE + {cfg.loss.beta:g} KD (T={cfg.loss.kd_temperature:g})"
                    f" + {cfg.loss.gamma:g} CRD (T={cfg.loss.crd_temperature:g}) from the teacher; 0.96 s crops; "
-                   "Freq-MixStyle, masking, time roll, frequency shift"),
+                   "Freq-MixStyle, masking, time roll, frequency shift"
+                   + (f"; + {cfg.loss.embed_weight:g} x regression of the teacher backbone's standardised 1,024-d "
+                      "embedding (1 - cosine)" if cfg.loss.embed_weight else "")
+                   + (f"; + {cfg.loss.audioset_weight:g} x BCE to the frozen AudioSet YAMNet's 521 scores"
+                      if cfg.loss.audioset_weight else "")
+                   + (f"; {cfg.optim.mix_per_batch} unlabelled two-clip mixes per batch"
+                      if cfg.optim.mix_bank else "")),
         "teacher": teacher,
         "config": to_dict(cfg),
         "data": {"dataset": "sceneprint-dev (ESC-50 clips, 32 kHz mono, 5 s)", "split": cfg.data.split,
@@ -617,3 +623,6 @@ def export_student(encoder: Encoder, export: Path, cfg: StudentConfig, data: Tra
         },
     })
     print(f"bundle written to {export}")
+    from sceneprint.export import add_onnx_after_training
+
+    print(add_onnx_after_training(export))  # the graph the service runs

@@ -214,6 +214,9 @@ def train(cfg: TrainConfig, out_dir: Path, export: Path | None) -> dict[str, Any
                     training=training_summary(cfg, meta, classes, split.heldout_classes, train_idx, val_idx),
                     evaluation=results, unknown_threshold=calibrated_threshold(results))
         print(f"bundle written to {export}")
+        from sceneprint.export import add_onnx_after_training
+
+        print(add_onnx_after_training(export))
     return results
 
 

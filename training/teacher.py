@@ -287,3 +287,6 @@ def export_teacher(encoder: YAMNetEncoder, export: Path, cfg: TeacherConfig, cla
         },
     })
     print(f"bundle written to {export}")
+    from sceneprint.export import add_onnx_after_training
+
+    print(add_onnx_after_training(export))  # the graph the service runs
