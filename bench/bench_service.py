@@ -2,8 +2,9 @@
 
 What it measures (all on one machine, in this order):
 
-1. Raw encoder throughput in this process, one stream: ``decode_clip`` + ``Encoder.embed_clip`` per clip
-   (the work the service does per classify request), and embed-only throughput (decode excluded).
+1. Raw encoder throughput in this process, one stream: ``decode_clip`` + ``OnnxEncoder.embed_clip`` per clip
+   (the bundle's ONNX graph in ONNX Runtime: the work the service does per classify request), and embed-only
+   throughput (decode excluded).
    Measured before and after the HTTP runs, to expose drift on a busy machine; the ratio uses the mean.
 2. Classify throughput and latency over real HTTP against ``sceneprint serve`` in a subprocess, with one
    client sequentially and with ``--clients`` concurrent clients (threads, one ``httpx2.Client`` each).
@@ -48,14 +49,14 @@ from typing import Any
 
 import httpx2
 import numpy as np
+import onnxruntime
 import soundfile as sf
-import torch
 from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from sceneprint.audio import ClipLimits, decode_clip
-from sceneprint.bundle import Manifest, load_bundle
-from sceneprint.encoder import ClipEncoder
+from sceneprint.manifest import Manifest
+from sceneprint.runtime import OnnxEncoder, SessionConfig, limit_blas_threads, load_onnx_encoder
 from sceneprint.service.db import make_engine
 from sceneprint.service.migrate import upgrade
 from sceneprint.service.settings import Settings, default_bundle_path
@@ -249,7 +250,7 @@ class RawResult:
     decode_embed: Latency
 
 
-def bench_raw(encoder: ClipEncoder, sequence: Sequence[Clip], limits: ClipLimits, warmup: int) -> RawResult:
+def bench_raw(encoder: OnnxEncoder, sequence: Sequence[Clip], limits: ClipLimits, warmup: int) -> RawResult:
     """Decode + embed each clip of ``sequence`` in turn; then embed the pre-decoded waveforms only."""
     rate = encoder.sample_rate
     for clip in sequence[:warmup]:
@@ -312,11 +313,11 @@ def proc_status_kb(pid: int, field: str) -> int | None:
 class Server:
     """``sceneprint serve`` on 127.0.0.1 in a subprocess; always stopped by ``stop`` (idempotent)."""
 
-    def __init__(self, label: str, bundle: Path, data_dir: Path, torch_threads: int, log_dir: Path) -> None:
+    def __init__(self, label: str, bundle: Path, data_dir: Path, inference_threads: int, log_dir: Path) -> None:
         self.label = label
         self.bundle = bundle
         self.data_dir = data_dir
-        self.torch_threads = torch_threads
+        self.inference_threads = inference_threads
         self.log_path = log_dir / f"server-{label}.log"
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
@@ -340,7 +341,7 @@ class Server:
         # the data dir's SQLite file, so it is cleared. Other SCENEPRINT_* settings pass through.
         for key in ("SCENEPRINT_DATABASE_URL", "SCENEPRINT_DATA_DIR", "SCENEPRINT_MODEL_PATH"):
             env.pop(key, None)
-        env["SCENEPRINT_TORCH_THREADS"] = str(self.torch_threads)
+        env["SCENEPRINT_INFERENCE_THREADS"] = str(self.inference_threads)
         with self.log_path.open("wb") as log:
             spawned = time.perf_counter()
             self.proc = subprocess.Popen(self.command(), env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -511,7 +512,7 @@ class Paired:
         return (self.decode_ms + self.embed_ms) / self.request_ms
 
 
-def paired_breakdown(base_url: str, encoder: ClipEncoder, sequence: Sequence[Clip], limits: ClipLimits) -> Paired:
+def paired_breakdown(base_url: str, encoder: OnnxEncoder, sequence: Sequence[Clip], limits: ClipLimits) -> Paired:
     """Where a classify request's time goes: each clip is decoded + embedded here and sent over HTTP, in turn
     (alternating which goes first), so that both see the same machine state even on a busy host."""
     rate = encoder.sample_rate
@@ -686,9 +687,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="Distinct query clips; request k sends clip k mod this (default: %(default)s).")
     p.add_argument("--warmup", type=int, default=5,
                    help="Untimed requests before each measurement (default: %(default)s).")
-    p.add_argument("--torch-threads", type=int, default=None,
-                   help="torch intra-op threads, in this process and in the server (SCENEPRINT_TORCH_THREADS) "
-                        "(default: the service's torch_threads setting).")
+    p.add_argument("--inference-threads", type=int, default=None,
+                   help="ONNX Runtime intra-op threads, in this process and in the server "
+                        "(SCENEPRINT_INFERENCE_THREADS) (default: the service's inference_threads setting).")
     p.add_argument("--clip-seconds", type=float, default=5.0,
                    help="Length of the synthetic clips (default: %(default)s).")
     p.add_argument("--clip-rate", type=int, default=32_000,
@@ -703,9 +704,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.bundle is None:
         args.bundle = default_bundle()
-    if args.torch_threads is None:
-        args.torch_threads = service_settings(args.bundle).torch_threads
-    for name in ("requests", "clients", "scenes", "distinct_queries", "torch_threads"):
+    if args.inference_threads is None:
+        args.inference_threads = service_settings(args.bundle).inference_threads
+    for name in ("requests", "clients", "scenes", "distinct_queries", "inference_threads"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.scale < 0 or args.warmup < 0:
@@ -755,21 +756,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     bundle: Path = args.bundle.resolve()
     if not (bundle / "manifest.json").is_file():
         raise SystemExit(f"{bundle} is not an encoder bundle (no manifest.json); pass --bundle")
-    threads: int = args.torch_threads
-    torch.set_num_threads(threads)
-    limits = service_settings(bundle, torch_threads=threads).clip_limits
-    encoder, manifest = load_bundle(bundle)
+    threads: int = args.inference_threads
+    limits = service_settings(bundle, inference_threads=threads).clip_limits
+    limit_blas_threads(threads)  # as the service does
+    encoder = load_onnx_encoder(bundle, session=SessionConfig(intra_op_threads=threads))
+    manifest = encoder.manifest
     clipset = load_clips(args)
     sequence = request_sequence(clipset.queries, args.requests)
     results: dict[str, Any] = {
         "command": command_line,
         "started_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-                    "torch": torch.__version__, "loadavg_at_start": list(os.getloadavg())},
+                    "onnxruntime": onnxruntime.__version__, "loadavg_at_start": list(os.getloadavg())},
         "bundle": {"path": str(bundle), "model_version": manifest.model_version,
                    "embedding_dim": manifest.embedding_dim, "parameter_count": manifest.parameter_count,
                    "macs_per_second": manifest.macs_per_second},
-        "settings": {"torch_threads": threads, "requests": args.requests, "clients": args.clients,
+        "settings": {"inference_threads": threads, "requests": args.requests, "clients": args.clients,
                      "scale": args.scale, "scenes": args.scenes, "warmup": args.warmup,
                      "clip_limits": asdict(limits)},
         "clips": {"source": clipset.source, "distinct_queries": len(clipset.queries),
@@ -780,7 +782,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     say(f"bundle:   {bundle} ({manifest.model_version}, D={manifest.embedding_dim}, "
         f"{manifest.parameter_count} params, {manifest.macs_per_second / 1e6:.0f} MMAC/s)")
     say(f"clips:    {clipset.source}; {len(clipset.queries)} distinct queries, {args.requests} requests per run")
-    say(f"machine:  {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; torch threads {threads}")
+    say(f"machine:  {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; ORT threads {threads}")
 
     with tempfile.TemporaryDirectory(prefix="sceneprint-bench-") as tmp_name:
         tmp = Path(tmp_name)
@@ -801,9 +803,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def run_all(args: argparse.Namespace, bundle: Path, encoder: ClipEncoder, manifest: Manifest, limits: ClipLimits,
+def run_all(args: argparse.Namespace, bundle: Path, encoder: OnnxEncoder, manifest: Manifest, limits: ClipLimits,
             clipset: ClipSet, sequence: list[Clip], tmp: Path, results: dict[str, Any]) -> list[Target]:
-    threads: int = args.torch_threads
+    threads: int = args.inference_threads
 
     # 1. Raw encoder, before the HTTP runs.
     say()
@@ -912,7 +914,7 @@ def report_raw(label: str, raw: RawResult) -> None:
 
 def run_scale(args: argparse.Namespace, bundle: Path, manifest: Manifest, sequence: list[Clip], tmp: Path,
               results: dict[str, Any]) -> list[Target]:
-    threads: int = args.torch_threads
+    threads: int = args.inference_threads
     sizes = [SCALE_BASELINE_SCENES, args.scale]
     build_s = []
     for n in sizes:

@@ -1,4 +1,4 @@
-"""The encoder bundle: a directory holding ``manifest.json`` and ``weights.pt``.
+"""The encoder bundle: a directory holding ``manifest.json``, ``weights.pt`` and, once exported, ``encoder.onnx``.
 
 The manifest names the encoder's architecture (``ARCHITECTURES``: the CP-Mobile student, YAMNet) and
 carries everything that rebuilds it (front-end, network and window configs),
@@ -9,37 +9,38 @@ strictly, and probes the encoder once, so a bundle never executes code and never
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from sceneprint.beats import BEATsConfig, BEATsEncoder, BEATsFrontendConfig
-from sceneprint.config import ConfigError, from_dict, to_dict
 from sceneprint.cpmobile import CPMobileConfig, parameter_count
 from sceneprint.encoder import ClipEncoder, Encoder, WindowConfig, network_macs_per_second
 from sceneprint.frontend import LogMelConfig
+from sceneprint.manifest import (
+    FORMAT_VERSION,
+    MANIFEST,
+    READABLE_VERSIONS,
+    BundleError,
+    GraphInfo,
+    Manifest,
+    default_bundle_path,
+    parse_manifest,
+    sha256_file,
+    write_json_atomic,
+)
 from sceneprint.state import load_state_strict
 from sceneprint.yamnet import YAMNetConfig, YAMNetEncoder, YAMNetFrontendConfig
 
-# Version 2 names the architecture; version 1 bundles (CP-Mobile only) still load.
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
-MANIFEST = "manifest.json"
 WEIGHTS = "weights.pt"
-
-
-class BundleError(RuntimeError):
-    """A bundle that cannot be used; the message says why."""
+# Every ONNX graph file a bundle may hold (``sceneprint.export``); saving new weights removes them.
+GRAPH_FILES = ("encoder.onnx", "encoder-int8.onnx")
 
 
 @dataclass(frozen=True)
@@ -56,45 +57,6 @@ ARCHITECTURES: dict[str, Architecture] = {
     "yamnet": Architecture(YAMNetFrontendConfig, YAMNetConfig, YAMNetEncoder),
     "beats": Architecture(BEATsFrontendConfig, BEATsConfig, BEATsEncoder),
 }
-
-
-@dataclass(frozen=True)
-class Manifest:
-    """Everything a bundle says about itself."""
-
-    format_version: int
-    model_version: str
-    created_at: str
-    architecture: str
-    sample_rate: int
-    embedding_dim: int
-    parameter_count: int
-    macs_per_second: int
-    frontend: Any  # the architecture's front-end config (LogMelConfig for CP-Mobile)
-    network: Any  # the architecture's network config (CPMobileConfig for CP-Mobile)
-    window: WindowConfig
-    weights_sha256: str
-    training: dict[str, Any] = field(default_factory=dict)
-    evaluation: dict[str, Any] = field(default_factory=dict)
-    # Best cosine score below which a clip is unknown, calibrated on held-out classes by training (None: not
-    # calibrated). The service reads it as its default unknown threshold.
-    unknown_threshold: float | None = None
-
-    def to_json(self) -> dict[str, Any]:
-        return to_dict(self)
-
-
-def default_bundle_path() -> Path:
-    """The bundled default encoder, shipped inside the package (``sceneprint.models``)."""
-    return Path(str(files("sceneprint.models"))) / "sceneprint-default"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def save_bundle(
@@ -121,6 +83,10 @@ def save_bundle(
     """
     out = Path(directory)
     out.mkdir(parents=True, exist_ok=True)
+    # A graph exported from earlier weights would no longer be this encoder; the manifest written
+    # below names none, and the files go.
+    for name in GRAPH_FILES:
+        (out / name).unlink(missing_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in encoder.state_dict().items()}
     weights = out / WEIGHTS
     tmp = weights.with_suffix(".pt.tmp")
@@ -143,39 +109,13 @@ def save_bundle(
         evaluation=evaluation,
         unknown_threshold=unknown_threshold,
     )
-    _write_json_atomic(out / MANIFEST, manifest.to_json())
+    write_json_atomic(out / MANIFEST, manifest.to_json())
     return manifest
 
 
 def read_manifest(directory: str | os.PathLike[str]) -> Manifest:
-    """Read and validate a bundle's manifest without loading its weights."""
-    path = Path(directory) / MANIFEST
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise BundleError(f"{path} does not exist: not a Sceneprint bundle") from None
-    except (OSError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not readable JSON: {exc}") from exc
-    if not isinstance(data, dict) or data.get("format_version") not in READABLE_VERSIONS:
-        found = data.get("format_version") if isinstance(data, dict) else None
-        raise BundleError(f"{path}: format_version {found!r} is not supported (readable: {READABLE_VERSIONS})")
-    if data["format_version"] == 1:
-        # Version 1 knew one architecture, with the normalisation inside the head convolution.
-        data = {**data, "architecture": "cpmobile", "network": {**data.get("network", {}), "output_norm": "head"}}
-    arch = ARCHITECTURES.get(data.get("architecture"))  # type: ignore[arg-type]
-    if arch is None:
-        raise BundleError(f"{path}: architecture {data.get('architecture')!r} is not one of {sorted(ARCHITECTURES)}")
-    try:
-        manifest = from_dict(Manifest, data)
-        manifest = replace(manifest, frontend=from_dict(arch.frontend, manifest.frontend, "frontend."),
-                           network=from_dict(arch.network, manifest.network, "network."))
-    except ConfigError as exc:
-        raise BundleError(f"{path}: {exc}") from exc
-    if manifest.sample_rate != manifest.frontend.sample_rate:
-        raise BundleError(f"{path}: sample_rate {manifest.sample_rate} != frontend.sample_rate")
-    if manifest.embedding_dim != manifest.network.embedding_dim:
-        raise BundleError(f"{path}: embedding_dim {manifest.embedding_dim} != network.embedding_dim")
-    return manifest
+    """Read and validate a bundle's manifest without loading its weights (configs typed per architecture)."""
+    return parse_manifest(directory, {name: (arch.frontend, arch.network) for name, arch in ARCHITECTURES.items()})
 
 
 def load_bundle(directory: str | os.PathLike[str]) -> tuple[ClipEncoder, Manifest]:
@@ -224,14 +164,5 @@ def _probe(encoder: ClipEncoder, manifest: Manifest) -> None:
         raise BundleError("encoder produces non-finite embeddings")
 
 
-def _write_json_atomic(path: Path, data: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".manifest-", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=2)
-        f.write("\n")
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; a bundle is meant to be read by others
-    os.replace(tmp, path)
-
-
-__all__ = ["ARCHITECTURES", "FORMAT_VERSION", "BundleError", "Manifest", "default_bundle_path", "load_bundle",
-           "read_manifest", "save_bundle"]
+__all__ = ["ARCHITECTURES", "FORMAT_VERSION", "GRAPH_FILES", "MANIFEST", "READABLE_VERSIONS", "WEIGHTS", "BundleError",
+           "GraphInfo", "Manifest", "default_bundle_path", "load_bundle", "read_manifest", "save_bundle", "sha256_file"]

@@ -6,7 +6,6 @@ the few-shot evaluation and the benchmarks all call it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -16,15 +15,9 @@ from torch import nn
 
 from sceneprint.cpmobile import CPMobile, CPMobileConfig
 from sceneprint.frontend import LogMel, LogMelConfig
-from sceneprint.prototypes import mean_direction
+from sceneprint.windows import WindowConfig, aggregate_windows, cut_windows
 
-
-@dataclass(frozen=True)
-class WindowConfig:
-    """Audio longer than ``window_seconds`` is embedded over windows ``hop_seconds`` apart."""
-
-    window_seconds: float = 5.0
-    hop_seconds: float = 2.5
+__all__ = ["ClipEncoder", "Encoder", "WindowConfig", "count_macs", "network_macs_per_second"]
 
 
 class ClipEncoder(nn.Module):
@@ -61,15 +54,7 @@ class ClipEncoder(nn.Module):
 
     def windows(self, waveform: np.ndarray) -> torch.Tensor:
         """Cut a mono waveform (N,) into windows (W, L); the last window ends at the clip's end."""
-        size = round(self.window.window_seconds * self.sample_rate)
-        hop = round(self.window.hop_seconds * self.sample_rate)
-        x = torch.from_numpy(np.ascontiguousarray(waveform, dtype=np.float32))
-        if len(x) <= size:
-            return x.unsqueeze(0)  # (1, N): short clips are embedded whole
-        starts = list(range(0, len(x) - size + 1, hop))
-        if starts[-1] + size < len(x):
-            starts.append(len(x) - size)
-        return torch.stack([x[s : s + size] for s in starts])  # (W, L)
+        return torch.from_numpy(cut_windows(waveform, self.sample_rate, self.window))  # (W, L)
 
     @torch.inference_mode()
     def window_features(self, waveform: np.ndarray) -> np.ndarray:
@@ -83,7 +68,7 @@ class ClipEncoder(nn.Module):
 
     def embed_clip(self, waveform: np.ndarray) -> np.ndarray:
         """Embed one decoded clip (N,) -> (D,) unit vector: the re-normalised mean of its windows' unit vectors."""
-        return mean_direction(self.window_features(waveform))
+        return aggregate_windows(self.window_features(waveform))
 
 
 class Encoder(ClipEncoder):

@@ -1,63 +1,54 @@
-"""The log-mel front-end: a waveform batch in, normalised log-mel spectrograms out.
+"""The log-mel front-end as a torch module, for training: a waveform batch in, normalised log-mels out.
 
 The front-end is part of the encoder (and of its bundle), never a separate setting of the service:
-a model run with another hop or mel count would silently see different features.
+a model run with another hop or mel count would silently see different features. Its one definition
+is ``sceneprint.logmel.logmel`` (numpy/scipy), which the service runs before the ONNX graph; this
+module calls it, so training and serving cannot compute features two ways.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
-import torchaudio
 from torch import nn
 
+from sceneprint.logmel import LogMelConfig, analysis_window, logmel, mel_filterbank
 
-@dataclass(frozen=True)
-class LogMelConfig:
-    """Log-mel front-end settings. 32 kHz input, 10 ms hop, 128 mel bands up to 16 kHz."""
+__all__ = ["LogMel", "LogMelConfig"]
 
-    sample_rate: int = 32_000
-    n_fft: int = 1024
-    win_length: int = 800  # 25 ms
-    hop_length: int = 320  # 10 ms: 100 frames per second
-    n_mels: int = 128
-    f_min: float = 0.0
-    f_max: float = 16_000.0
-    log_offset: float = 1e-5
-    # Fixed affine normalisation of log-mel values (sceneprint-dev log-mels have mean -7.5, std 4.0);
-    # constants, not fitted statistics, so the bundle alone defines the features.
-    norm_mean: float = -7.5
-    norm_std: float = 4.0
 
-    def frames(self, n_samples: int) -> int:
-        """Number of frames produced for ``n_samples`` input samples (centred STFT)."""
-        return 1 + n_samples // self.hop_length
+class _Buffers(nn.Module):
+    """Holds one named constant buffer."""
+
+    def __init__(self, name: str, value: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer(name, value)
+
+
+class _MelLayout(nn.Module):
+    """The constants under the state-dict names of ``torchaudio.transforms.MelSpectrogram``.
+
+    Bundles and training checkpoints written before the front-end moved to numpy hold
+    ``mel.spectrogram.window`` and ``mel.mel_scale.fb``; keeping the names keeps them loading strictly.
+    The values are recomputed from the config; nothing reads them back.
+    """
+
+    def __init__(self, config: LogMelConfig) -> None:
+        super().__init__()
+        left = (config.n_fft - config.win_length) // 2
+        window = analysis_window(config)[left:left + config.win_length]
+        self.spectrogram = _Buffers("window", torch.from_numpy(window.copy()))
+        self.mel_scale = _Buffers("fb", torch.from_numpy(mel_filterbank(config).copy()))
 
 
 class LogMel(nn.Module):
-    """Waveform (B, N) -> normalised log-mel (B, 1, n_mels, T)."""
+    """Waveform (B, N) -> normalised log-mel (B, 1, n_mels, T), computed by ``sceneprint.logmel.logmel``."""
 
     def __init__(self, config: LogMelConfig) -> None:
         super().__init__()
         self.config = config
-        self.mel = torchaudio.transforms.MelSpectrogram(
-            sample_rate=config.sample_rate,
-            n_fft=config.n_fft,
-            win_length=config.win_length,
-            hop_length=config.hop_length,
-            f_min=config.f_min,
-            f_max=config.f_max,
-            n_mels=config.n_mels,
-            power=2.0,
-            center=True,
-            pad_mode="reflect",
-            norm="slaney",
-            mel_scale="slaney",
-        )
+        self.mel = _MelLayout(config)
 
     def forward(self, waveform: torch.Tensor) -> torch.Tensor:
-        c = self.config
-        mel = self.mel(waveform)  # (B, n_mels, T)
-        logmel = (torch.log(mel + c.log_offset) - c.norm_mean) / c.norm_std
-        return logmel.unsqueeze(1)  # (B, 1, n_mels, T)
+        # The front-end has no parameters and the waveform needs no gradient: it is a constant input.
+        features = logmel(waveform.detach().cpu().float().numpy(), self.config)  # (B, 1, n_mels, T)
+        return torch.from_numpy(features).to(waveform.device)

@@ -22,7 +22,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from sceneprint import __version__
-from sceneprint.bundle import Manifest, load_bundle
+from sceneprint.manifest import Manifest
+from sceneprint.runtime import SessionConfig, limit_blas_threads, load_onnx_encoder
 from sceneprint.service.body_limits import BodyLimitMiddleware, route_body_limit
 from sceneprint.service.clipstore import ClipStore
 from sceneprint.service.connections import RateLimitedLog
@@ -47,17 +48,20 @@ def build_scene_service(settings: Settings) -> tuple[SceneService, KeyRing, Engi
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url
     upgrade(url)
-    encoder, manifest = load_bundle(settings.model_path)
+    limit_blas_threads(settings.inference_threads)  # numpy's share of an embed runs in its slot, like the graph
+    encoder = load_onnx_encoder(settings.model_path, session=SessionConfig(intra_op_threads=settings.inference_threads))
+    manifest = encoder.manifest
     engine = make_engine(url, busy_timeout_s=settings.db_busy_timeout_s)
     sessions = make_session_factory(engine)
     service = SceneService(
-        sessions=sessions, store=ClipStore(settings.clip_dir), index=SceneIndex(manifest.embedding_dim),
+        sessions=sessions, store=ClipStore(settings.clip_dir),
+        index=SceneIndex(manifest.embedding_dim, settings.index_precision),
         model=LoadedModel(encoder, manifest), limits=settings.clip_limits,
         clips_per_enrollment=settings.clips_per_enrollment,
         quotas=Quotas(max_scenes=settings.max_scenes, max_clips_per_scene=settings.max_clips_per_scene,
                       max_stored_bytes=settings.max_stored_bytes),
         unknown_threshold=unknown_threshold(settings, manifest),
-        torch_threads=settings.torch_threads, inference_slots=settings.inference_slots,
+        inference_slots=settings.inference_slots,
     )
     report = service.start()
     log.info("model %s loaded, unknown threshold %.3f; %s", manifest.model_version, service.unknown_threshold,

@@ -57,6 +57,8 @@ def serve(
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
 ) -> None:
     """Run the HTTP service (migrates the database first)."""
+    from sceneprint.manifest import BundleError
+    from sceneprint.runtime import read_servable_manifest
     from sceneprint.service import repository as repo
     from sceneprint.service.app import create_app
     from sceneprint.service.connections import make_server, raise_open_file_limit
@@ -71,6 +73,11 @@ def serve(
                    "scene. Create a key (`sceneprint keys create --name NAME --scope admin`), bind to 127.0.0.1, "
                    "or pass --allow-open.", err=True)
         raise typer.Exit(2)
+    try:
+        read_servable_manifest(settings.model_path)
+    except BundleError as exc:
+        typer.echo(f"cannot serve: {exc}", err=True)
+        raise typer.Exit(2) from None
     raise_open_file_limit(settings.max_connections)
     make_server(create_app(settings), settings, host=host, port=port, log_level=log_level).run()
 

@@ -2,6 +2,10 @@
 
 It is a cache of the prototypes table for the running model version: rebuilt from the database at
 start-up and updated after each commit. Prototypes are unit vectors, so inner product = cosine.
+
+The prototypes are held as float32 (exact) or float16 (``index_precision``): a query reads every
+prototype, so at 100,000 scenes the search is bound by memory bandwidth, and float16 halves what it reads
+(docs/benchmarks.md); a float16 score is within 1e-4 of the float32 one for unit vectors (tests).
 """
 
 from __future__ import annotations
@@ -9,11 +13,14 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+from typing import Literal
 
 import faiss
 import numpy as np
 
 from sceneprint.prototypes import Match
+
+IndexPrecision = Literal["float32", "float16"]
 
 
 class ReadWriteLock:
@@ -49,10 +56,18 @@ class ReadWriteLock:
                 self._cond.notify_all()
 
 
+def _empty_index(dim: int, precision: IndexPrecision) -> faiss.IndexIDMap2:
+    if precision == "float16":
+        return faiss.IndexIDMap2(faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_fp16,
+                                                            faiss.METRIC_INNER_PRODUCT))
+    return faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+
+
 class SceneIndex:
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, precision: IndexPrecision = "float32") -> None:
         self.dim = dim
-        self._index = faiss.IndexIDMap2(faiss.IndexFlatIP(dim))
+        self.precision = precision
+        self._index = _empty_index(dim, precision)
         self._names: dict[int, str] = {}
         self._lock = ReadWriteLock()
 
@@ -64,7 +79,7 @@ class SceneIndex:
 
         The new index is built aside and swapped in, so searches keep using the old one meanwhile.
         """
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        index = _empty_index(self.dim, self.precision)
         names: dict[int, str] = {}
         vectors = np.empty((chunk, self.dim), dtype=np.float32)  # (chunk, D), reused
         ids = np.empty(chunk, dtype=np.int64)

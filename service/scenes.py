@@ -20,14 +20,13 @@ from functools import partial
 from typing import TypeVar
 
 import numpy as np
-import torch
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
 from sceneprint.audio import AudioError, ClipLimits, DecodedClip, decode_clip
-from sceneprint.bundle import Manifest
-from sceneprint.encoder import ClipEncoder
+from sceneprint.manifest import Manifest
 from sceneprint.prototypes import Decision, Match, decide, prototype
+from sceneprint.runtime import OnnxEncoder
 from sceneprint.service import repository as repo
 from sceneprint.service.clipstore import ClipStore, content_hash
 from sceneprint.service.errors import (
@@ -96,7 +95,7 @@ class Quotas:
 class LoadedModel:
     """The running encoder and its manifest; replaced whole, never mutated."""
 
-    encoder: ClipEncoder
+    encoder: OnnxEncoder
     manifest: Manifest
 
     @property
@@ -118,7 +117,7 @@ class Classification:
 class SceneService:
     def __init__(self, *, sessions: sessionmaker[Session], store: ClipStore, index: SceneIndex, model: LoadedModel,
                  limits: ClipLimits, clips_per_enrollment: int, quotas: Quotas, unknown_threshold: float,
-                 torch_threads: int, inference_slots: int) -> None:
+                 inference_slots: int) -> None:
         self.sessions = sessions
         self.store = store
         self.index = index
@@ -128,10 +127,9 @@ class SceneService:
         self.quotas = quotas
         self.unknown_threshold = unknown_threshold
         # Decode + embed run on a fixed pool, one thread per core by default: waiting requests queue in
-        # order (FIFO) instead of time-slicing the cores, and only these threads ever hold torch's
-        # per-thread buffers and malloc arenas.
-        self._inference = ThreadPoolExecutor(max_workers=inference_slots, thread_name_prefix="inference",
-                                             initializer=torch.set_num_threads, initargs=(torch_threads,))
+        # order (FIFO) instead of time-slicing the cores. Each slot runs the shared ONNX Runtime session on
+        # its own thread with the session's intra-op threads (``inference_threads``, 1 by default).
+        self._inference = ThreadPoolExecutor(max_workers=inference_slots, thread_name_prefix="inference")
 
     # --- start-up -------------------------------------------------------------------------------
 

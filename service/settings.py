@@ -10,18 +10,19 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sceneprint.audio import ClipLimits
-from sceneprint.bundle import default_bundle_path
+from sceneprint.manifest import default_bundle_path
 
 ENV_PREFIX = "SCENEPRINT_"
 # Variables with the prefix that other parts of the project read; they are not service settings.
 OTHER_VARIABLES = {"SCENEPRINT_DEV_DATA": "the training data folder (sceneprint.training, tests)"}
-RENAMED_VARIABLES = {"SCENEPRINT_LIMIT_CONCURRENCY": "SCENEPRINT_MAX_CONNECTIONS"}
+RENAMED_VARIABLES = {"SCENEPRINT_LIMIT_CONCURRENCY": "SCENEPRINT_MAX_CONNECTIONS",
+                     "SCENEPRINT_TORCH_THREADS": "SCENEPRINT_INFERENCE_THREADS"}
 GIB = 1024**3
 
 
@@ -41,7 +42,11 @@ class Settings(BaseSettings):
         default=None, ge=-1.0, le=1.0,
         description="Best cosine score below this is reported as unknown. Default: the threshold calibrated on "
                     "held-out classes that the bundle's manifest carries, else 0.5.")
-    torch_threads: int = Field(default=1, ge=1, description="Intra-op threads per inference call.")
+    index_precision: Literal["float32", "float16"] = Field(
+        default="float16", description="How the scene index holds prototypes: float16 halves the memory a search "
+                                       "reads (scores within 1e-4 of float32's); float32 is exact.")
+    inference_threads: int = Field(default=1, ge=1, description="ONNX Runtime intra-op threads per inference call "
+                                                                "(per inference slot).")
     inference_slots: int = Field(
         default_factory=lambda: os.cpu_count() or 1, ge=1,
         description="Threads that decode and embed clips; further requests queue in order. Default: the CPU "

@@ -14,14 +14,19 @@ from fastapi.testclient import TestClient
 from sceneprint.bundle import save_bundle
 from sceneprint.cpmobile import preset
 from sceneprint.encoder import Encoder, WindowConfig
+from sceneprint.export import add_onnx
 from sceneprint.frontend import LogMelConfig
 from sceneprint.service.app import create_app
 from sceneprint.service.settings import Settings
 from tests import audio_factory as af
 
 
-def make_bundle(directory: Path, *, model_version: str = "test-tiny-v1", seed: int = 0, **network: Any) -> Path:
-    """Save a freshly initialised 6K encoder as a bundle (fast; for tests that need no trained model)."""
+def make_bundle(directory: Path, *, model_version: str = "test-tiny-v1", seed: int = 0, graph: bool = True,
+                **network: Any) -> Path:
+    """Save a freshly initialised 6K encoder as a bundle (fast; for tests that need no trained model).
+
+    With ``graph`` (the default) the bundle also gets its ONNX graph, which the service needs.
+    """
     torch.manual_seed(seed)
     config = preset("cpmobile_6k")
     if network:
@@ -31,6 +36,8 @@ def make_bundle(directory: Path, *, model_version: str = "test-tiny-v1", seed: i
     encoder = Encoder(LogMelConfig(), config, WindowConfig()).eval()
     save_bundle(directory, encoder, model_version=model_version, training={"recipe": "none (random init)"},
                 evaluation={})
+    if graph:
+        add_onnx(directory)
     return directory
 
 

@@ -116,6 +116,11 @@ def add_onnx(
     calibration_clips: Annotated[int, typer.Option(help="int8 static: clips to calibrate on.")] = 64,
 ) -> None:
     """Export a bundle's encoder as the ONNX graph the service runs, checked against torch (needs 'train')."""
+    import importlib.util
+
+    if importlib.util.find_spec("torch") is None:
+        typer.echo("exporting a bundle needs torch: pip install 'sceneprint[train]'", err=True)
+        raise typer.Exit(2)
     from sceneprint.export import add_onnx as run
 
     if quantisation not in ("static", "dynamic"):

@@ -20,3 +20,10 @@ def test_the_bundled_model_loads_and_documents_its_data_and_licence() -> None:
 def test_the_committed_report_is_generated_from_the_manifest() -> None:
     bundle = default_bundle_path()
     assert (bundle / "REPORT.md").read_text(encoding="utf-8") == render(bundle)
+
+
+def test_the_bundled_model_carries_the_graph_the_service_runs() -> None:
+    from sceneprint.runtime import load_onnx_encoder
+
+    encoder = load_onnx_encoder(default_bundle_path())  # hash-checked and probed
+    assert encoder.manifest.graph is not None and encoder.manifest.graph.input == "logmel"

@@ -66,3 +66,21 @@ def test_rebuild_in_chunks_keeps_every_row() -> None:
     assert len(index) == len(rows)
     for _, name, vector in rows:
         assert index.search(vector, 1)[0].scene == name
+
+
+def test_float16_index_scores_within_1e_4_of_exact_and_supports_updates() -> None:
+    rng = np.random.default_rng(5)
+    vectors = l2_normalize(rng.standard_normal((2000, 128)))  # (N, D)
+    exact, half = SceneIndex(128, "float32"), SceneIndex(128, "float16")
+    for index in (exact, half):
+        index.rebuild((i, f"s{i}", v) for i, v in enumerate(vectors))
+    for query in l2_normalize(rng.standard_normal((20, 128))):
+        a, b = exact.search(query, 10), half.search(query, 10)
+        reference = {m.scene: m.score for m in a}
+        assert abs(a[0].score - b[0].score) < 1e-4
+        assert all(abs(m.score - float(vectors[int(m.scene[1:])] @ query)) < 1e-4 for m in b)
+        assert b[0].scene in reference
+    half.upsert(3, "moved", unit(*([1.0] + [0.0] * 127)))
+    assert half.search(unit(*([1.0] + [0.0] * 127)), 1)[0].scene == "moved"
+    half.remove(3)
+    assert len(half) == 1999 and all(m.scene != "moved" for m in half.search(unit(*([1.0] + [0.0] * 127)), 5))

@@ -44,11 +44,24 @@ def test_a_format_2_bundle_without_the_field_gets_the_default_not_a_report_key(t
     assert unknown_threshold(Settings(), manifest) == DEFAULT_UNKNOWN_THRESHOLD
 
 
-def test_a_format_1_bundle_keeps_the_calibration_of_its_report() -> None:
-    manifest = read_manifest(default_bundle_path())  # the bundled model is a format-1 bundle
+def test_a_format_1_bundle_keeps_the_calibration_of_its_report(tmp_path: Path) -> None:
+    # A format-1 bundle, as the previous default model was: no architecture, no typed threshold.
+    bundle = make_bundle(tmp_path / "v1", output_norm="head")
+    data = json.loads((bundle / "manifest.json").read_text())
+    del data["architecture"], data["network"]["output_norm"]
+    data.pop("unknown_threshold", None)
+    data.update(format_version=1, evaluation={"heldout_open_set_5way_5shot": {"threshold": 0.604}})
+    (bundle / "manifest.json").write_text(json.dumps(data))
+    manifest = read_manifest(bundle)
     assert manifest.format_version == 1 and manifest.unknown_threshold is None
+    assert unknown_threshold(Settings(), manifest) == 0.604 != DEFAULT_UNKNOWN_THRESHOLD
+
+
+def test_the_bundled_model_carries_its_calibrated_threshold_as_a_typed_field() -> None:
+    manifest = read_manifest(default_bundle_path())
     calibrated = manifest.evaluation["heldout_open_set_5way_5shot"]["threshold"]
-    assert unknown_threshold(Settings(), manifest) == calibrated != DEFAULT_UNKNOWN_THRESHOLD
+    assert manifest.unknown_threshold == calibrated
+    assert unknown_threshold(Settings(), manifest) == calibrated
 
 
 def test_a_setting_overrides_the_bundle(client_factory: ClientFactory, tmp_path: Path) -> None:

@@ -63,3 +63,24 @@ def test_a_folder_per_class_tree_is_read_too(tiny_bundle: Path, tmp_path: Path) 
             (tmp_path / f"class{c}" / f"{k}.wav").write_bytes(af.wav(af.class_clip(c, seed=k, seconds=1.2)))
     out = run("--bundle", str(tiny_bundle), "--data", str(tmp_path), "--shots", "1", "--episodes", "5")
     assert "prototype" in out
+
+
+def test_bundle_is_embedded_through_its_graph_and_torch_gives_the_same_figures(dataset: Path, tiny_bundle: Path,
+                                                                               tmp_path: Path) -> None:
+    reports = {}
+    for engine in ("auto", "torch"):
+        run("--bundle", str(tiny_bundle), "--data", str(dataset), "--episodes", "20", "--engine", engine,
+            "--json", str(tmp_path / f"{engine}.json"))
+        reports[engine] = json.loads((tmp_path / f"{engine}.json").read_text())
+    assert reports["auto"]["engine"] == "onnx (float32)" and reports["torch"]["engine"] == "torch"
+    assert reports["auto"]["few_shot"]["accuracy"] == reports["torch"]["few_shot"]["accuracy"]
+
+
+def test_int8_bundle_can_be_evaluated(dataset: Path, tmp_path: Path) -> None:
+    from sceneprint.export import add_onnx
+    from tests.conftest import make_bundle
+
+    bundle = make_bundle(tmp_path / "int8", graph=False)
+    add_onnx(bundle, int8="dynamic")
+    run("--bundle", str(bundle), "--data", str(dataset), "--episodes", "20", "--json", str(tmp_path / "r.json"))
+    assert json.loads((tmp_path / "r.json").read_text())["engine"] == "onnx (int8)"
