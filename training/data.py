@@ -109,8 +109,16 @@ def cached_features(root: Path, clips: list[ClipMeta], config: Any, compute: Cal
     if len(lengths) != 1:
         raise ValueError(f"clips have different lengths {sorted(lengths)}; the cache expects equal lengths")
     feats = np.stack(out)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, feats)
-    os.replace(tmp, path)
+    save_cache(path, feats)
     return feats
+
+
+def save_cache(path: Path, data: np.ndarray | dict[str, np.ndarray]) -> None:
+    """Write a cache file atomically (tmp + rename): an array as .npy, named arrays as .npz."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp" + path.suffix)
+    if isinstance(data, dict):
+        np.savez(tmp, **data)  # type: ignore[arg-type]
+    else:
+        np.save(tmp, data)
+    os.replace(tmp, path)

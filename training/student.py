@@ -40,7 +40,15 @@ from sceneprint.cpmobile import Norm, OutputNorm, parameter_count, preset
 from sceneprint.encoder import Encoder, WindowConfig
 from sceneprint.frontend import LogMelConfig
 from sceneprint.training.checkpoint import load_checkpoint, save_checkpoint
-from sceneprint.training.data import ClipMeta, FewShotSplit, cached_logmels, dev_data_root, load_meta, load_split
+from sceneprint.training.data import (
+    ClipMeta,
+    FewShotSplit,
+    cached_logmels,
+    dev_data_root,
+    load_meta,
+    load_split,
+    save_cache,
+)
 from sceneprint.training.evaluate import calibrated_threshold, heldout_report
 from sceneprint.training.fewshot import evaluate
 from sceneprint.training.heads import CosineClassifier, ProjectionMLP
@@ -209,10 +217,7 @@ def teacher_targets(run_dir: Path, root: Path, meta: list[ClipMeta], hop: int, c
             for k in keys:
                 out[k].append(o[k].numpy().astype(np.float16))
     result = {k: np.stack(v) for k, v in out.items()}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **result)  # type: ignore[arg-type]
-    os.replace(tmp, path)
+    save_cache(path, result)
     return result
 
 
@@ -234,10 +239,7 @@ def audioset_targets(root: Path, meta: list[ClipMeta], hop: int, cache_dir: Path
             patches = torch.stack([x[p * hop : p * hop + CROP_FRAMES] for p in range(positions)])  # (P, 96, 64)
             out.append(torch.sigmoid(model(patches)[1]).numpy().astype(np.float16))
     scores = np.stack(out)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, scores)
-    os.replace(tmp, path)
+    save_cache(path, scores)
     return scores
 
 
@@ -408,10 +410,7 @@ def mix_bank(cfg: StudentConfig, root: Path, meta: list[ClipMeta], train_idx: np
             for k in keys:
                 outputs[k].append(out[k][0].numpy().astype(np.float16))
     bank = {"x": np.stack(crops), **{k: np.stack(v) for k, v in outputs.items()}}
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, **bank)  # type: ignore[arg-type]
-    os.replace(tmp, path)
+    save_cache(path, bank)
     return bank
 
 
