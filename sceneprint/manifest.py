@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from sceneprint.config import ConfigError, from_dict, to_dict
+from sceneprint.prototypes import EnrollmentCalibration
 from sceneprint.windows import WindowConfig
 
 # Version 2 names the architecture; version 1 bundles (CP-Mobile only) still load. The ONNX graph is an
@@ -69,11 +70,15 @@ class Manifest:
     unknown_threshold: float | None = None
     # The ONNX graph the service runs (None: the bundle has none yet; ``sceneprint bundle add-onnx`` adds it).
     graph: GraphInfo | None = None
+    # Bounds on enrollment quality and the per-scene threshold rule, calibrated on the training classes
+    # (None: not calibrated; ``sceneprint bundle calibrate`` adds it).
+    calibration: EnrollmentCalibration | None = None
 
     def to_json(self) -> dict[str, Any]:
         data = to_dict(self)
-        if data["graph"] is None:
-            del data["graph"]  # a bundle without a graph reads exactly as it did before the field existed
+        for optional in ("graph", "calibration"):
+            if data[optional] is None:
+                del data[optional]  # a bundle without one reads exactly as it did before the field existed
         return data
 
 

@@ -8,6 +8,7 @@ import logging
 import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -31,11 +32,13 @@ from sceneprint.service.db import make_engine, make_session_factory
 from sceneprint.service.errors import PROBLEM_JSON, SceneprintError, from_database_error, problem
 from sceneprint.service.index import SceneIndex
 from sceneprint.service.keys import KeyRing
+from sceneprint.service.metrics import MeteredSceneService, Metrics
 from sceneprint.service.migrate import upgrade
-from sceneprint.service.routes import classify, health, keys, scenes
-from sceneprint.service.scenes import LoadedModel, Quotas, SceneService
+from sceneprint.service.routes import classify, health, keys, metrics, scenes
+from sceneprint.service.scenes import DecisionPolicy, LoadedModel, Quotas, SceneService
 from sceneprint.service.schemas import Problem
 from sceneprint.service.settings import Settings
+from sceneprint.service.telemetry import TelemetryMiddleware
 
 log = logging.getLogger("sceneprint.service")
 DEFAULT_UNKNOWN_THRESHOLD = 0.5
@@ -43,8 +46,13 @@ DEFAULT_UNKNOWN_THRESHOLD = 0.5
 FORMAT_1_THRESHOLD_REPORT = "heldout_open_set_5way_5shot"
 
 
-def build_scene_service(settings: Settings) -> tuple[SceneService, KeyRing, Engine]:
-    """Migrate the database, load the bundle and the API keys, and bring the index in line with the database."""
+def build_scene_service(settings: Settings, metrics: Metrics | None = None) -> tuple[SceneService, KeyRing, Engine]:
+    """Migrate the database, load the bundle and the API keys, and bring the index in line with the database.
+
+    Args:
+        settings: The service's settings.
+        metrics: Where the service counts its classifications and re-embeddings (default: a registry of its own).
+    """
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     url = settings.resolved_database_url
     upgrade(url)
@@ -53,20 +61,39 @@ def build_scene_service(settings: Settings) -> tuple[SceneService, KeyRing, Engi
     manifest = encoder.manifest
     engine = make_engine(url, busy_timeout_s=settings.db_busy_timeout_s)
     sessions = make_session_factory(engine)
-    service = SceneService(
-        sessions=sessions, store=ClipStore(settings.clip_dir),
+    service = MeteredSceneService(
+        metrics=metrics or Metrics(), sessions=sessions, store=ClipStore(settings.clip_dir),
         index=SceneIndex(manifest.embedding_dim, settings.index_precision),
         model=LoadedModel(encoder, manifest), limits=settings.clip_limits,
         clips_per_enrollment=settings.clips_per_enrollment,
         quotas=Quotas(max_scenes=settings.max_scenes, max_clips_per_scene=settings.max_clips_per_scene,
                       max_stored_bytes=settings.max_stored_bytes),
-        unknown_threshold=unknown_threshold(settings, manifest),
+        decisions=decision_policy(settings, manifest),
         inference_slots=settings.inference_slots,
     )
     report = service.start()
     log.info("model %s loaded, unknown threshold %.3f; %s", manifest.model_version, service.unknown_threshold,
              report)
     return service, KeyRing(sessions), engine
+
+
+def decision_policy(settings: Settings, manifest: Manifest) -> DecisionPolicy:
+    """Enrollment bounds and the decision rule: each setting given, else the bundle's calibration."""
+    cal = manifest.calibration
+    if cal is None and (settings.enrollment_min_clip_similarity is None or settings.enrollment_min_cohesion is None):
+        log.warning("bundle %s carries no enrollment calibration: enrollments are measured, not refused, unless "
+                    "SCENEPRINT_ENROLLMENT_MIN_* are set (`sceneprint bundle calibrate` adds one)",
+                    manifest.model_version)
+    rule = settings.decision_rule or (cal.rule if cal else "global")
+    if rule == "per_scene" and cal is None:
+        raise ValueError("decision_rule per_scene needs a calibrated bundle (`sceneprint bundle calibrate`)")
+    return DecisionPolicy(
+        unknown_threshold=unknown_threshold(settings, manifest),
+        min_clip_similarity=(settings.enrollment_min_clip_similarity if settings.enrollment_min_clip_similarity
+                             is not None else cal.min_clip_similarity if cal else None),
+        min_cohesion=(settings.enrollment_min_cohesion if settings.enrollment_min_cohesion is not None
+                      else cal.min_cohesion if cal else None),
+        rule=rule, slope=cal.slope if cal else 0.0, reference_cohesion=cal.reference_cohesion if cal else 0.0)
 
 
 def unknown_threshold(settings: Settings, manifest: Manifest) -> float:
@@ -102,7 +129,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.scenes, app.state.keys, engine = await run_in_threadpool(build_scene_service, settings)
+        app.state.scenes, app.state.keys, engine = await run_in_threadpool(
+            partial(build_scene_service, settings, app.state.metrics))
         refresher = asyncio.create_task(_refresh_keys(app.state.keys, settings.key_refresh_s))
         yield
         refresher.cancel()
@@ -123,12 +151,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.scenes = None
     app.state.keys = None
+    app.state.metrics = Metrics()
+    app.state.metrics.watch(lambda: app.state.scenes, settings.inference_slots)
     app.add_middleware(BodyLimitMiddleware, limit=route_body_limit(settings),
                        read_timeout_s=settings.upload_read_timeout_s)
+    # Added last, so outermost: it sees (and counts, and logs) the body limits' own answers too.
+    app.add_middleware(TelemetryMiddleware, metrics=app.state.metrics)
     app.include_router(scenes.build_router(settings))
     app.include_router(classify.build_router(settings))
     app.include_router(keys.router)
     app.include_router(health.router)
+    app.include_router(metrics.router)
     _install_error_handlers(app)
     _document_problems(app)
     return app

@@ -6,7 +6,6 @@ never load the web stack.
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -63,9 +62,10 @@ def serve(
     from sceneprint.service.app import create_app
     from sceneprint.service.connections import make_server, raise_open_file_limit
     from sceneprint.service.deps import is_loopback
+    from sceneprint.service.logs import configure_logging
 
     settings = _settings(data_dir, model_path=model, allow_open=allow_open or None)
-    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    configure_logging(settings.log_format, log_level)
     with _sessions(settings)() as session:
         keys = repo.active_keys(session)
     if not keys and not settings.allow_open and not is_loopback(host):

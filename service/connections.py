@@ -236,9 +236,11 @@ def make_server(app: Any, settings: Settings, *, host: str, port: int, log_level
     """The server ``sceneprint serve`` runs, with every connection-level limit from ``settings``."""
     limits = ConnectionLimits(header_timeout_s=settings.header_timeout_s, body_timeout_s=settings.body_timeout_s,
                               max_connections=settings.max_connections)
+    # uvicorn's records go to the root logger's handler (``logs.configure_logging``), and its access log is
+    # off: the service logs each request once, with its id and route template (``telemetry``).
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, http=guarded_protocol(limits), ws="none",
                             lifespan="on", timeout_keep_alive=settings.keep_alive_timeout_s,
-                            timeout_graceful_shutdown=settings.shutdown_grace_s)
+                            timeout_graceful_shutdown=settings.shutdown_grace_s, log_config=None, access_log=False)
     return SceneprintServer(config)
 
 

@@ -83,6 +83,12 @@ class DuplicateClips(SceneprintError):
     status, code, title = 422, "duplicate_clips", "Duplicate clips"
 
 
+class IncoherentClips(SceneprintError):
+    """Clips that disagree with the scene's other clips; the problem names them with their similarities."""
+
+    status, code, title = 422, "incoherent_clips", "Clips disagree"
+
+
 class TooLarge(SceneprintError):
     status, code, title = 413, "too_large", "Upload too large"
     # Answered before the body was read whole: the connection is closed rather than drained.

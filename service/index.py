@@ -18,9 +18,12 @@ from typing import Literal
 import faiss
 import numpy as np
 
-from sceneprint.prototypes import Match
+from sceneprint.prototypes import Match, SceneThresholdSource
 
 IndexPrecision = Literal["float32", "float16"]
+# A scene's own acceptance threshold and where it comes from ("scene": set by hand; "per_scene": the
+# decision rule's, from its enrollment); scenes without one are held to the global threshold.
+SceneThreshold = tuple[float, SceneThresholdSource]
 
 
 class ReadWriteLock:
@@ -69,13 +72,16 @@ class SceneIndex:
         self.precision = precision
         self._index = _empty_index(dim, precision)
         self._names: dict[int, str] = {}
+        self._thresholds: dict[int, SceneThreshold] = {}
         self._lock = ReadWriteLock()
 
     def __len__(self) -> int:
         return len(self._names)
 
-    def rebuild(self, rows: Iterable[tuple[int, str, np.ndarray]], chunk: int = 8192) -> None:
-        """Replace the whole content with (scene id, name, prototype) rows, added in chunks.
+    def rebuild(self, rows: Iterable[tuple[int, str, np.ndarray]], chunk: int = 8192,
+                thresholds: dict[int, SceneThreshold] | None = None) -> None:
+        """Replace the whole content with (scene id, name, prototype) rows, added in chunks, and the scenes'
+        own thresholds (by scene id; others keep the global one).
 
         The new index is built aside and swapped in, so searches keep using the old one meanwhile.
         """
@@ -93,21 +99,42 @@ class SceneIndex:
                 n = 0
         if n:
             index.add_with_ids(vectors[:n], ids[:n])
+        kept = {i: t for i, t in (thresholds or {}).items() if i in names}
         with self._lock.writing():
             self._index = index
             self._names = names
+            self._thresholds = kept
 
-    def upsert(self, scene_id: int, name: str, prototype: np.ndarray) -> None:
+    def upsert(self, scene_id: int, name: str, prototype: np.ndarray, threshold: SceneThreshold | None = None
+               ) -> None:
         ids = np.array([scene_id], dtype=np.int64)
         with self._lock.writing():
             self._index.remove_ids(ids)  # type: ignore[arg-type]  # the wrapper takes id arrays
             self._index.add_with_ids(prototype.reshape(1, -1).astype(np.float32), ids)
             self._names[scene_id] = name
+            self._set_threshold(scene_id, threshold)
+
+    def set_threshold(self, scene_id: int, threshold: SceneThreshold | None) -> None:
+        """A scene's own threshold (None: the global one applies to it)."""
+        with self._lock.writing():
+            if scene_id in self._names:
+                self._set_threshold(scene_id, threshold)
+
+    def threshold(self, scene_id: int) -> SceneThreshold | None:
+        with self._lock.reading():
+            return self._thresholds.get(scene_id)
+
+    def _set_threshold(self, scene_id: int, threshold: SceneThreshold | None) -> None:
+        if threshold is None:
+            self._thresholds.pop(scene_id, None)
+        else:
+            self._thresholds[scene_id] = threshold
 
     def remove(self, scene_id: int) -> None:
         with self._lock.writing():
             self._index.remove_ids(np.array([scene_id], dtype=np.int64))  # type: ignore[arg-type]
             self._names.pop(scene_id, None)
+            self._thresholds.pop(scene_id, None)
 
     def search(self, query: np.ndarray, k: int) -> list[Match]:
         """The ``k`` best scenes for a unit query vector, best first."""
@@ -119,5 +146,11 @@ class SceneIndex:
             if k == 0:
                 return []
             scores, ids = self._index.search(query.reshape(1, -1).astype(np.float32), k)
-            return [Match(scene=self._names[int(i)], score=float(s))
-                    for s, i in zip(scores[0], ids[0], strict=True) if i >= 0]
+            matches = []
+            for s, i in zip(scores[0], ids[0], strict=True):
+                if i < 0:
+                    continue
+                own = self._thresholds.get(int(i))
+                matches.append(Match(scene=self._names[int(i)], score=float(s),
+                                     threshold=own[0] if own else None, threshold_source=own[1] if own else None))
+            return matches

@@ -70,9 +70,35 @@ def put_clip_embedding(session: Session, *, clip_id: int, model_version: str, ve
     session.merge(ClipEmbedding(clip_id=clip_id, model_version=model_version, vector=vector_bytes(vector)))
 
 
-def put_prototype(session: Session, *, scene_id: int, model_version: str, vector: np.ndarray, n_clips: int) -> None:
+def put_prototype(session: Session, *, scene_id: int, model_version: str, vector: np.ndarray, n_clips: int,
+                  cohesion: float | None) -> None:
     session.merge(Prototype(scene_id=scene_id, model_version=model_version, vector=vector_bytes(vector),
-                            n_clips=n_clips, updated_at=utcnow()))
+                            n_clips=n_clips, cohesion=cohesion, updated_at=utcnow()))
+
+
+def set_scene_threshold(session: Session, *, scene: Scene, threshold: float | None) -> None:
+    scene.threshold = threshold
+    session.flush()
+
+
+def scene_decision_inputs(session: Session, *, model_version: str, scene_id: int | None = None
+                          ) -> list[tuple[int, float | None, float | None]]:
+    """(scene id, hand-set threshold, cohesion under ``model_version``) of every scene (or the one given)."""
+    query = (select(Scene.id, Scene.threshold, Prototype.cohesion)
+             .join(Prototype, (Prototype.scene_id == Scene.id) & (Prototype.model_version == model_version),
+                   isouter=True))
+    if scene_id is not None:
+        query = query.where(Scene.id == scene_id)
+    return [(sid, threshold, cohesion) for sid, threshold, cohesion in session.execute(query).all()]
+
+
+def clip_similarity_rows(session: Session, *, scene_id: int, model_version: str) -> list[tuple[str, np.ndarray]]:
+    """(display file name, embedding under ``model_version``) of a scene's clips, in their order."""
+    rows = session.execute(
+        select(Clip.filename, ClipEmbedding.vector).join(ClipEmbedding, Clip.id == ClipEmbedding.clip_id)
+        .where(Clip.scene_id == scene_id, ClipEmbedding.model_version == model_version).order_by(Clip.id)
+    ).all()
+    return [(name, bytes_vector(vec)) for name, vec in rows]
 
 
 def clip_embeddings(session: Session, *, scene_id: int, model_version: str) -> np.ndarray:

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 import numpy as np
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,13 +25,23 @@ from starlette.concurrency import run_in_threadpool
 
 from sceneprint.audio import AudioError, ClipLimits, DecodedClip, decode_clip
 from sceneprint.manifest import Manifest
-from sceneprint.prototypes import Decision, Match, decide, prototype
+from sceneprint.prototypes import (
+    Decision,
+    DecisionRule,
+    EnrollmentQuality,
+    Match,
+    decide,
+    enrollment_quality,
+    per_scene_threshold,
+    prototype,
+)
 from sceneprint.runtime import OnnxEncoder
 from sceneprint.service import repository as repo
 from sceneprint.service.clipstore import ClipStore, content_hash
 from sceneprint.service.errors import (
     ClipRejected,
     DuplicateClips,
+    IncoherentClips,
     InvalidSceneName,
     QuotaExceeded,
     SceneExists,
@@ -39,8 +49,8 @@ from sceneprint.service.errors import (
     StorageUnavailable,
     WrongClipCount,
 )
-from sceneprint.service.index import SceneIndex
-from sceneprint.service.schemas import SCENE_NAME_PATTERN, ScenePublic
+from sceneprint.service.index import SceneIndex, SceneThreshold
+from sceneprint.service.schemas import SCENE_NAME_PATTERN, ClipQuality, SceneDetail, ScenePublic, SceneQuality
 from sceneprint.service.tables import Scene
 
 T = TypeVar("T")
@@ -92,6 +102,33 @@ class Quotas:
 
 
 @dataclass(frozen=True)
+class DecisionPolicy:
+    """How enrollments are checked and classifications decided (settings over the bundle's calibration).
+
+    ``min_clip_similarity`` / ``min_cohesion``: None where neither a setting nor the bundle gives one (then
+    enrollments are measured and reported but never refused). ``rule``: ``global`` holds every scene to
+    ``unknown_threshold``; ``per_scene`` gives each scene ``unknown_threshold + slope * (cohesion -
+    reference_cohesion)``. A scene's hand-set threshold beats both; a request's beats everything.
+    """
+
+    unknown_threshold: float
+    min_clip_similarity: float | None = None
+    min_cohesion: float | None = None
+    rule: DecisionRule = "global"
+    slope: float = 0.0
+    reference_cohesion: float = 0.0
+
+    def scene_threshold(self, hand_set: float | None, cohesion: float | None) -> SceneThreshold | None:
+        """A scene's own threshold and its source; None: the global threshold applies."""
+        if hand_set is not None:
+            return hand_set, "scene"
+        if self.rule == "per_scene" and cohesion is not None:
+            return per_scene_threshold(cohesion, self.unknown_threshold, slope=self.slope,
+                                       reference_cohesion=self.reference_cohesion), "per_scene"
+        return None
+
+
+@dataclass(frozen=True)
 class LoadedModel:
     """The running encoder and its manifest; replaced whole, never mutated."""
 
@@ -116,7 +153,7 @@ class Classification:
 
 class SceneService:
     def __init__(self, *, sessions: sessionmaker[Session], store: ClipStore, index: SceneIndex, model: LoadedModel,
-                 limits: ClipLimits, clips_per_enrollment: int, quotas: Quotas, unknown_threshold: float,
+                 limits: ClipLimits, clips_per_enrollment: int, quotas: Quotas, decisions: DecisionPolicy,
                  inference_slots: int) -> None:
         self.sessions = sessions
         self.store = store
@@ -125,11 +162,16 @@ class SceneService:
         self.limits = limits
         self.clips_per_enrollment = clips_per_enrollment
         self.quotas = quotas
-        self.unknown_threshold = unknown_threshold
+        self.decisions = decisions
         # Decode + embed run on a fixed pool, one thread per core by default: waiting requests queue in
         # order (FIFO) instead of time-slicing the cores. Each slot runs the shared ONNX Runtime session on
         # its own thread with the session's intra-op threads (``inference_threads``, 1 by default).
         self._inference = ThreadPoolExecutor(max_workers=inference_slots, thread_name_prefix="inference")
+
+    @property
+    def unknown_threshold(self) -> float:
+        """The global threshold: for scenes without one of their own."""
+        return self.decisions.unknown_threshold
 
     # --- start-up -------------------------------------------------------------------------------
 
@@ -149,28 +191,52 @@ class SceneService:
     def rebuild_index(self) -> None:
         """Rebuild the index from the database and check that the two agree."""
         with self._session() as session:
-            self.index.rebuild(repo.prototypes(session, model_version=self.model.version))
+            version = self.model.version
+            own = {sid: t for sid, hand, cohesion in repo.scene_decision_inputs(session, model_version=version)
+                   if (t := self.decisions.scene_threshold(hand, cohesion)) is not None}
+            self.index.rebuild(repo.prototypes(session, model_version=version), thresholds=own)
             total = repo.count_scenes(session)
         if len(self.index) != total:
             raise RuntimeError(f"index holds {len(self.index)} scenes, the database {total}")
 
     # --- scenes ---------------------------------------------------------------------------------
 
-    async def enroll(self, name: str, uploads: Sequence[Upload]) -> ScenePublic:
-        """Create a scene from exactly ``clips_per_enrollment`` clips, all or nothing."""
+    async def enroll(self, name: str, uploads: Sequence[Upload], force: bool = False) -> SceneDetail:
+        """Create a scene from exactly ``clips_per_enrollment`` clips, all or nothing.
+
+        Clips that disagree with the others (an outlier, or a scene whose clips disagree overall) are refused
+        with ``IncoherentClips`` unless ``force``; nothing is stored then.
+        """
         check_scene_name(name)
         if len(uploads) != self.clips_per_enrollment:
             raise WrongClipCount(f"enrollment needs exactly {self.clips_per_enrollment} clips, got {len(uploads)}",
                                  expected=self.clips_per_enrollment, received=len(uploads))
-        return await self._infer(partial(self._enroll, name, uploads, self.model))
+        return await self._infer(partial(self._enroll, name, uploads, self.model, force))
 
-    async def add_clips(self, name: str, uploads: Sequence[Upload]) -> ScenePublic:
-        """Add 1..clips_per_enrollment clips to an existing scene and update its prototype."""
+    async def add_clips(self, name: str, uploads: Sequence[Upload], force: bool = False) -> SceneDetail:
+        """Add 1..clips_per_enrollment clips to an existing scene and update its prototype (checked as
+        ``enroll`` checks: a new clip that is an outlier, or a scene made incoherent, is refused unless ``force``)."""
         check_scene_name(name)
         if not 1 <= len(uploads) <= self.clips_per_enrollment:
             raise WrongClipCount(f"send 1 to {self.clips_per_enrollment} clips, got {len(uploads)}",
                                  expected=self.clips_per_enrollment, received=len(uploads))
-        return await self._infer(partial(self._add_clips, name, uploads, self.model))
+        return await self._infer(partial(self._add_clips, name, uploads, self.model, force))
+
+    async def set_threshold(self, name: str, threshold: float | None) -> SceneDetail:
+        """Set a scene's threshold by hand (None: back to the one its enrollment and the rule give)."""
+        check_scene_name(name)
+
+        def work() -> SceneDetail:
+            with self._session() as session:
+                scene = self._get(session, name)
+                repo.set_scene_threshold(session, scene=scene, threshold=threshold)
+                session.commit()
+                scene_id = scene.id
+            model = self.model
+            self._refresh_threshold(model, scene_id)
+            return self._detail(name, model)
+
+        return await run_in_threadpool(work)
 
     async def list_scenes(self) -> list[ScenePublic]:
         def work() -> list[ScenePublic]:
@@ -179,17 +245,10 @@ class SceneService:
 
         return await run_in_threadpool(work)
 
-    async def get_scene(self, name: str) -> ScenePublic:
+    async def get_scene(self, name: str) -> SceneDetail:
+        """One scene with its enrollment quality and the threshold in force for it."""
         check_scene_name(name)
-
-        def work() -> list[ScenePublic]:
-            with self._session() as session:
-                return repo.scenes(session, model_version=self.model.version, name=name)
-
-        found = await run_in_threadpool(work)
-        if not found:
-            raise SceneNotFound(f"scene {name!r} does not exist", scene=name)
-        return found[0]
+        return await run_in_threadpool(self._detail, name, self.model)
 
     async def delete_scene(self, name: str) -> None:
         check_scene_name(name)
@@ -197,8 +256,9 @@ class SceneService:
 
     # --- classification -------------------------------------------------------------------------
 
-    async def classify(self, upload: Upload, top_k: int) -> Classification:
-        """Nearest scenes for one clip; unknown when the best score is below the threshold."""
+    async def classify(self, upload: Upload, top_k: int, threshold: float | None = None) -> Classification:
+        """Nearest scenes for one clip; unknown when the best score is below the threshold in force: ``threshold``
+        where given (this call only), else the best scene's own, else the global one."""
         model, queued = self.model, time.perf_counter()
 
         def work() -> tuple[DecodedClip, list[Match], list[float]]:
@@ -213,7 +273,8 @@ class SceneService:
         clip, matches, (t0, t1, t2, t3) = await self._infer(work)
         timings = {"queue": (t0 - queued) * 1e3, "decode": (t1 - t0) * 1e3, "embed": (t2 - t1) * 1e3,
                    "search": (t3 - t2) * 1e3}
-        return Classification(decision=decide(matches, self.unknown_threshold), model_version=model.version,
+        return Classification(decision=decide(matches, self.unknown_threshold, override=threshold),
+                              model_version=model.version,
                               duration_s=round(clip.duration_s, 3), timings_ms=timings)
 
     def close(self) -> None:
@@ -226,7 +287,7 @@ class SceneService:
         """Run ``work`` on the inference pool; the event loop awaits it (its exceptions re-raise here)."""
         return await asyncio.wrap_future(self._inference.submit(work))
 
-    def _enroll(self, name: str, uploads: Sequence[Upload], model: LoadedModel) -> ScenePublic:
+    def _enroll(self, name: str, uploads: Sequence[Upload], model: LoadedModel, force: bool) -> SceneDetail:
         hashes = [content_hash(u.data) for u in uploads]  # each upload is hashed here, once
         self._check_duplicates(uploads, hashes, existing=set())
         with self._session() as session:
@@ -235,41 +296,114 @@ class SceneService:
             self._check_quotas(session, None, uploads, hashes)
         decoded = [self._decode(model, u) for u in uploads]
         embeddings = [model.embed(d) for d in decoded]
+        quality = self._check_quality([display_filename(u.filename) for u in uploads], np.stack(embeddings),
+                                      new=range(len(uploads)), force=force)
+        forced = force and self._refused(quality, range(len(uploads)))
         proto = prototype(np.stack(embeddings))  # (clips, D) -> (D,)
         with self._storing(uploads, hashes), self._session() as session:
             self._check_quotas(session, None, uploads, hashes)  # again, now that no other write can interleave
             scene = repo.create_scene(session, name=name)
+            scene.forced = forced
             self._insert_clips(session, scene, uploads, hashes, decoded, embeddings, model)
             repo.put_prototype(session, scene_id=scene.id, model_version=model.version, vector=proto,
-                               n_clips=len(uploads))
+                               n_clips=len(uploads), cohesion=quality.cohesion)
             session.commit()
-            scene_id, created_at = scene.id, scene.created_at
-        self._index_if_current(model, scene_id, name, proto)
-        return ScenePublic(name=name, clips=len(uploads), model_version=model.version,
-                           created_at=repo.as_utc(created_at))
+            scene_id = scene.id
+        self._index_if_current(model, scene_id, name, proto, self.decisions.scene_threshold(None, quality.cohesion))
+        return self._detail(name, model)
 
-    def _add_clips(self, name: str, uploads: Sequence[Upload], model: LoadedModel) -> ScenePublic:
+    def _add_clips(self, name: str, uploads: Sequence[Upload], model: LoadedModel, force: bool) -> SceneDetail:
         hashes = [content_hash(u.data) for u in uploads]
         with self._session() as session:
             scene = self._get(session, name)
             self._check_duplicates(uploads, hashes, existing={c.sha256 for c in scene.clips})
             self._check_quotas(session, scene, uploads, hashes)
+            stored = repo.clip_similarity_rows(session, scene_id=scene.id, model_version=model.version)
         decoded = [self._decode(model, u) for u in uploads]
         embeddings = [model.embed(d) for d in decoded]
+        names = [n for n, _ in stored] + [display_filename(u.filename) for u in uploads]
+        together = np.stack([v for _, v in stored] + embeddings)
+        new = range(len(stored), len(together))
+        quality = self._check_quality(names, together, new=new, force=force)
+        forced = force and self._refused(quality, new)
         with self._storing(uploads, hashes), self._session() as session:
             scene = self._get(session, name)
             self._check_quotas(session, scene, uploads, hashes)
             self._insert_clips(session, scene, uploads, hashes, decoded, embeddings, model)
             all_embeddings = repo.clip_embeddings(session, scene_id=scene.id, model_version=model.version)
             proto = prototype(all_embeddings)
+            cohesion = enrollment_quality(all_embeddings).cohesion  # with any clip added meanwhile
             repo.put_prototype(session, scene_id=scene.id, model_version=model.version, vector=proto,
-                               n_clips=len(all_embeddings))
+                               n_clips=len(all_embeddings), cohesion=cohesion)
+            scene.forced = scene.forced or forced
             session.commit()
-            result = ScenePublic(name=name, clips=len(all_embeddings), model_version=model.version,
-                                 created_at=repo.as_utc(scene.created_at))
-            scene_id = scene.id
-        self._index_if_current(model, scene_id, name, proto)
-        return result
+            scene_id, hand_set = scene.id, scene.threshold
+        self._index_if_current(model, scene_id, name, proto, self.decisions.scene_threshold(hand_set, cohesion))
+        return self._detail(name, model)
+
+    def _refused(self, quality: EnrollmentQuality, new: Sequence[int]) -> bool:
+        """Whether the checks would refuse these clips: a new clip below the clip bound, or the scene below the
+        cohesion bound."""
+        d = self.decisions
+        outliers = set(quality.outliers(d.min_clip_similarity)) & set(new) if d.min_clip_similarity is not None \
+            else set()
+        incoherent = (d.min_cohesion is not None and quality.cohesion is not None
+                      and quality.cohesion < d.min_cohesion)
+        return bool(outliers) or incoherent
+
+    def _check_quality(self, names: Sequence[str], embeddings: np.ndarray, *, new: Sequence[int],
+                       force: bool) -> EnrollmentQuality:
+        """The scene's quality with the new clips; ``IncoherentClips`` where the checks refuse it and not ``force``."""
+        quality = enrollment_quality(embeddings)
+        if force or not self._refused(quality, new):
+            return quality
+        d = self.decisions
+        bad = [i for i in (quality.outliers(d.min_clip_similarity) if d.min_clip_similarity is not None else [])
+               if i in set(new)]
+        clips = [{"file": names[i], "similarity": quality.similarities[i]} for i in range(len(names))]
+        if bad:
+            named = ", ".join(f"{names[i]!r} ({quality.similarities[i]:.2f})" for i in bad)
+            detail = (f"clip{'s' if len(bad) > 1 else ''} {named} disagree{'s' if len(bad) == 1 else ''} with the "
+                      f"others (leave-one-out similarity below {d.min_clip_similarity:.2f}); nothing was stored. "
+                      "Replace the clip, or send force=true to keep it anyway.")
+        else:
+            detail = (f"the clips disagree with each other (cohesion {quality.cohesion:.2f}, below "
+                      f"{d.min_cohesion:.2f}); nothing was stored. Send clips of one scene, or force=true.")
+        raise IncoherentClips(detail, outliers=[names[i] for i in bad], clips=clips, cohesion=quality.cohesion,
+                              min_clip_similarity=d.min_clip_similarity, min_cohesion=d.min_cohesion)
+
+    def _detail(self, name: str, model: LoadedModel) -> SceneDetail:
+        """A scene as ``GET /scenes/{name}`` shows it: with its quality under ``model`` and its threshold."""
+        with self._session() as session:
+            found = repo.scenes(session, model_version=model.version, name=name)
+            if not found:
+                raise SceneNotFound(f"scene {name!r} does not exist", scene=name)
+            scene = self._get(session, name)
+            rows = repo.clip_similarity_rows(session, scene_id=scene.id, model_version=model.version)
+            hand_set, forced = scene.threshold, scene.forced
+        quality = enrollment_quality(np.stack([v for _, v in rows])) if rows else None
+        own = self.decisions.scene_threshold(hand_set, quality.cohesion if quality else None)
+        threshold = own[0] if own is not None else self.unknown_threshold
+        source: Literal["scene", "per_scene", "global"] = own[1] if own is not None else "global"
+        return SceneDetail(
+            **found[0].model_dump(), threshold=round(threshold, 4), threshold_source=source,
+            quality=SceneQuality(
+                cohesion=quality.cohesion if quality else None, spread=quality.spread if quality else None,
+                clips=[ClipQuality(file=n, similarity=s) for (n, _), s in
+                       zip(rows, quality.similarities if quality and quality.similarities else [None] * len(rows),
+                           strict=True)],
+                forced=forced, min_clip_similarity=self.decisions.min_clip_similarity,
+                min_cohesion=self.decisions.min_cohesion))
+
+    def _refresh_threshold(self, model: LoadedModel, scene_id: int) -> None:
+        """Bring the index's copy of one scene's threshold in line with the database."""
+        if model is not self.model:
+            return
+        with self._session() as session:
+            rows = repo.scene_decision_inputs(session, model_version=model.version, scene_id=scene_id)
+        if rows:
+            _, hand_set, cohesion = rows[0]
+            self.index.set_threshold(scene_id, self.decisions.scene_threshold(hand_set, cohesion))
 
     def _delete(self, name: str) -> None:
         with self.store.lock:
@@ -362,12 +496,14 @@ class SceneService:
             emb = self._inference.submit(partial(embed, clip.sha256)).result()
             repo.put_clip_embedding(session, clip_id=clip.id, model_version=model.version, vector=emb)
             embeddings.append(emb)
-        repo.put_prototype(session, scene_id=scene_id, model_version=model.version,
-                           vector=prototype(np.stack(embeddings)), n_clips=len(embeddings))
+        stacked = np.stack(embeddings)
+        repo.put_prototype(session, scene_id=scene_id, model_version=model.version, vector=prototype(stacked),
+                           n_clips=len(embeddings), cohesion=enrollment_quality(stacked).cohesion)
 
-    def _index_if_current(self, model: LoadedModel, scene_id: int, name: str, proto: np.ndarray) -> None:
+    def _index_if_current(self, model: LoadedModel, scene_id: int, name: str, proto: np.ndarray,
+                          threshold: SceneThreshold | None) -> None:
         if model is self.model:
-            self.index.upsert(scene_id, name, proto)
+            self.index.upsert(scene_id, name, proto, threshold)
 
     def _get(self, session: Session, name: str) -> Scene:
         scene = repo.get_scene(session, name=name)

@@ -21,6 +21,40 @@ class ScenePublic(BaseModel):
     created_at: datetime
 
 
+class ClipQuality(BaseModel):
+    file: str = Field(description="The clip's file name as uploaded (for display).")
+    similarity: float | None = Field(description="Cosine similarity of the clip to the prototype of the scene's "
+                                                 "other clips (leave-one-out); null for a single clip.")
+
+
+class SceneQuality(BaseModel):
+    """How well a scene's clips agree, under the running model."""
+
+    cohesion: float | None = Field(description="Mean of the clips' leave-one-out similarities.")
+    spread: float | None = Field(description="Their standard deviation.")
+    clips: list[ClipQuality]
+    forced: bool = Field(description="True when clips were stored with force=true past the quality checks.")
+    min_clip_similarity: float | None = Field(description="A new clip below this is refused (null: not checked).")
+    min_cohesion: float | None = Field(description="A scene below this cohesion is refused (null: not checked).")
+
+
+class SceneDetail(ScenePublic):
+    """A scene with its enrollment quality and the threshold a classification holds it to."""
+
+    threshold: float = Field(description="The best score a clip needs to be named this scene.")
+    threshold_source: Literal["scene", "per_scene", "global"] = Field(
+        description="scene: set by hand (PATCH); per_scene: from the scene's enrollment by the decision rule; "
+                    "global: the service's unknown threshold.")
+    quality: SceneQuality
+
+
+class SceneUpdate(BaseModel):
+    model_config = {"extra": "forbid"}
+
+    threshold: float | None = Field(ge=0.0, le=1.0, description="The scene's own threshold (0-1); null returns the "
+                                                              "scene to the one the decision rule gives it.")
+
+
 class SceneList(BaseModel):
     scenes: list[ScenePublic]
 
@@ -35,6 +69,10 @@ class ClassificationPublic(BaseModel):
     score: float = Field(description="Best cosine score (0.0 when no scene is enrolled).")
     unknown: bool = Field(description="True when the best score is below the unknown threshold or no scene exists.")
     top_k: list[MatchPublic]
+    threshold: float = Field(description="The threshold the best score was held to.")
+    threshold_source: Literal["request", "scene", "per_scene", "global"] = Field(
+        description="request: this call's `threshold`; scene: the best scene's hand-set one; per_scene: the best "
+                    "scene's own, from its enrollment; global: the service's unknown threshold.")
     model_version: str
     duration_s: float = Field(description="Duration of the decoded clip, in seconds.")
 

@@ -2,7 +2,8 @@
 
 Nothing about features (sample rate, hop, mel bands) is a service setting: the model bundle says.
 A ``SCENEPRINT_*`` variable that names no setting is an error, so a misspelt setting is never
-silently ignored.
+silently ignored. An empty one means the default (Docker Compose passes ``VAR=`` for a variable left
+empty in ``.env``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from sceneprint.audio import ClipLimits
 from sceneprint.manifest import default_bundle_path
+from sceneprint.service.logs import LogFormat
 
 ENV_PREFIX = "SCENEPRINT_"
 # Variables with the prefix that other parts of the project read; they are not service settings.
@@ -29,7 +31,7 @@ GIB = 1024**3
 class Settings(BaseSettings):
     """Everything the service can be told, with its environment variable ``SCENEPRINT_<NAME>``."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=None, extra="forbid")
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=None, extra="forbid", env_ignore_empty=True)
 
     data_dir: Path = Field(default=Path("data"), description="Where the database and clip store live.")
     database_url: str = Field(default="", description="SQLAlchemy URL; empty: SQLite file in data_dir.")
@@ -42,6 +44,18 @@ class Settings(BaseSettings):
         default=None, ge=-1.0, le=1.0,
         description="Best cosine score below this is reported as unknown. Default: the threshold calibrated on "
                     "held-out classes that the bundle's manifest carries, else 0.5.")
+    enrollment_min_clip_similarity: float | None = Field(
+        default=None, ge=-1.0, le=1.0,
+        description="A clip whose cosine to the prototype of the scene's other clips is below this is refused "
+                    "(422 incoherent_clips, unless force=true). Default: the bundle's calibration; without one, "
+                    "clips are measured but not refused.")
+    enrollment_min_cohesion: float | None = Field(
+        default=None, ge=-1.0, le=1.0,
+        description="A scene whose clips' mean leave-one-out similarity is below this is refused. Default: the "
+                    "bundle's calibration.")
+    decision_rule: Literal["global", "per_scene"] | None = Field(
+        default=None, description="global: every scene is held to the unknown threshold; per_scene: each scene to "
+                                  "its own, from its enrollment. Default: the rule the bundle's calibration chose.")
     index_precision: Literal["float32", "float16"] = Field(
         default="float16", description="How the scene index holds prototypes: float16 halves the memory a search "
                                        "reads (scores within 1e-4 of float32's); float32 is exact.")
@@ -82,6 +96,11 @@ class Settings(BaseSettings):
                                              "a request is closed to make room, else the new one gets 503.")
     shutdown_grace_s: int = Field(default=10, ge=0, description="On SIGTERM, requests in flight get this long "
                                                                     "to finish; then they are cancelled.")
+
+    # Logs.
+    log_format: LogFormat = Field(
+        default="auto", description="How `serve` writes its log to stderr: one JSON object a line (`json`), or text "
+                                    "for a person (`text`); `auto`: text in a terminal, else JSON.")
 
     @model_validator(mode="before")
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import DateTime, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint, false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -28,6 +28,10 @@ class Scene(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), nullable=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    # Set by an operator (PATCH /scenes/{name}); None: the threshold the decision rule gives the scene.
+    threshold: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Enrolled (or given clips) with force=true past the quality checks.
+    forced: Mapped[bool] = mapped_column(Boolean, nullable=False, default=False, server_default=false())
 
     clips: Mapped[list[Clip]] = relationship(back_populates="scene", cascade="all, delete-orphan",
                                              passive_deletes=True, order_by="Clip.id")
@@ -64,6 +68,8 @@ class Prototype(Base):
     model_version: Mapped[str] = mapped_column(String(128), primary_key=True, index=True)
     vector: Mapped[bytes] = mapped_column(LargeBinary, nullable=False)  # float32, unit length
     n_clips: Mapped[int] = mapped_column(Integer, nullable=False)
+    # Mean leave-one-out similarity of the scene's clips under this model (None for a single clip).
+    cohesion: Mapped[float | None] = mapped_column(Float, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
 
 

@@ -50,6 +50,11 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                                                "optim.mix_bank=3000", "optim.mix_per_batch=32"])
        for size in ("60k", "110k") for seed in (0, 1, 2)},
     "student-alone-60k-s0": (CONTRASTASC, ['teacher=""', "loss.alpha=1", "loss.beta=0", "loss.gamma=0"]),
+    # Freq-MixStyle mixes the per-band statistics of clips, i.e. the spectral envelope that tells stationary
+    # noise scenes (airplane, washing machine, rain) apart: the embedding-regression recipe without it.
+    **{f"embdistill-nomixstyle-{size}-s{seed}": (CONTRASTASC, [f"model=cpmobile_{size}", f"seed={seed}",
+                                                              "loss.embed_weight=1.0", "augment.mixstyle_p=0"])
+       for size in ("60k", "110k") for seed in (0, 1, 2)},
 }
 EVALS = [("prototype", 5), ("logreg", 5), ("prototype", 10), ("logreg", 10)]
 

@@ -140,8 +140,29 @@ def add_onnx(
                f"sha256 {m.graph.sha256[:12]}..., named in the manifest")
 
 
+def calibrate(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (with its ONNX graph); its manifest is updated.")],
+    data: Annotated[Path | None, typer.Option(help="The dataset of the training classes (default: sceneprint-dev).")]
+    = None,
+    split: Annotated[str, typer.Option(help="Calibrate on this split's training classes.")] = "fewshot-v1",
+    false_refusal: Annotated[float, typer.Option(min=0.001, max=0.2, help="Share of genuine enrollments of the "
+                                                                         "training classes each bound may "
+                                                                         "refuse.")] = 0.005,
+) -> None:
+    """Calibrate a bundle's enrollment checks and per-scene decision rule on the training classes."""
+    from sceneprint.training.calibration import calibrate_bundle
+    from sceneprint.training.data import dev_data_root
+
+    m = calibrate_bundle(bundle, dev_data_root(data), split=split, false_refusal=false_refusal)
+    c = m.calibration
+    assert c is not None
+    typer.echo(f"{bundle}: clips below {c.min_clip_similarity:.3f} leave-one-out similarity and scenes below "
+               f"{c.min_cohesion:.3f} cohesion are refused; rule {c.rule} (slope {c.slope:g})")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``train teacher``, ``train student``, ``evaluate``, ``teacher-bundle`` and ``bundle add-onnx`` to the CLI."""
+    """Add ``train teacher``, ``train student``, ``evaluate``, ``teacher-bundle``, ``bundle add-onnx`` and
+    ``bundle calibrate`` to the CLI."""
     train_app = typer.Typer(help="Training stages (needs the 'train' extra: torch, and 'teacher' for YAMNet).",
                             no_args_is_help=True)
     train_app.command("teacher")(train_teacher)
@@ -151,4 +172,5 @@ def register(app: typer.Typer) -> None:
     app.command("teacher-bundle")(teacher_bundle)
     bundle_app = typer.Typer(help="Encoder bundles.", no_args_is_help=True)
     bundle_app.command("add-onnx")(add_onnx)
+    bundle_app.command("calibrate")(calibrate)
     app.add_typer(bundle_app, name="bundle")

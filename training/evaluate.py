@@ -22,8 +22,9 @@ from sceneprint.audio import ClipLimits, decode_clip
 from sceneprint.bundle import MANIFEST, load_bundle, read_manifest
 from sceneprint.encoder import ClipEncoder
 from sceneprint.frontend import LogMel, LogMelConfig
-from sceneprint.prototypes import l2_normalize
+from sceneprint.prototypes import EnrollmentCalibration, l2_normalize
 from sceneprint.runtime import OnnxEncoder, load_onnx_encoder
+from sceneprint.training.calibration import best_rule, check_rates, compare_rules, per_scene_sweep, rule_scores
 from sceneprint.training.data import ClipMeta, FewShotSplit, cached_logmels, decode_file
 from sceneprint.training.datasets import LabelledClip, read_dataset
 from sceneprint.training.fewshot import Probe, evaluate, logmel_statistics, open_set
@@ -102,8 +103,11 @@ def calibration_waveforms(root: Path, *, split: str, sample_rate: int, count: in
 
 
 def fewshot_figures(unit: np.ndarray, raw: np.ndarray, clips: Sequence[LabelledClip], *, shots: int, ways: int | None,
-                    episodes: int, seed: int, probe: Probe, grid: bool) -> dict[str, Any]:
-    """The JSON report: the chosen probe's figure, open-set AUROC, and (``grid``) every K, N and probe."""
+                    episodes: int, seed: int, probe: Probe, grid: bool, unknown_threshold: float | None = None,
+                    calibration: EnrollmentCalibration | None = None) -> dict[str, Any]:
+    """The JSON report: the chosen probe's figure, open-set figures (AUROC; the decision rules compared at the
+    false-accept rate of ``unknown_threshold``, with the rule ``calibration`` chooses), and (``grid``) every
+    K, N and probe."""
     labels, sources = [c.label for c in clips], [c.source_id for c in clips]
     n_classes = len(set(labels))
     ways = ways or n_classes
@@ -120,8 +124,23 @@ def fewshot_figures(unit: np.ndarray, raw: np.ndarray, clips: Sequence[LabelledC
     }
     open_ways = min(5, n_classes // 2)
     if open_ways >= 2:
-        report["open_set"] = {**open_set(unit, labels, sources, n_way=open_ways, k_shot=shots,
-                                         episodes=min(episodes, 500), seed=seed).as_dict(), "rule": "global threshold"}
+        found = open_set(unit, labels, sources, n_way=open_ways, k_shot=shots, episodes=min(episodes, 500), seed=seed)
+        # The rules compared at the false-accept rate of the threshold in force: the bundle's, else the one
+        # with the best balanced accuracy here.
+        threshold = unknown_threshold if unknown_threshold is not None else found.threshold
+        cal = calibration
+        q = rule_scores(unit, labels, sources, n_way=open_ways, shots=shots, episodes=min(episodes, 500), seed=seed)
+        comparison = compare_rules(q, threshold=threshold, slope=cal.slope if cal else 0.0,
+                                   reference_cohesion=cal.reference_cohesion if cal else 0.0)
+        reference = cal.reference_cohesion if cal else float(np.median(q["cohesion"]))
+        report["open_set"] = {**found.as_dict(), "rule": cal.rule if cal else "global",
+                              "best_rule_here": best_rule(comparison), **comparison,
+                              "per_scene_named_accuracy_by_slope": per_scene_sweep(q, threshold=threshold,
+                                                                                   reference_cohesion=reference)}
+        if cal is not None:
+            report["open_set"]["enrollment_checks"] = {
+                "min_clip_similarity": cal.min_clip_similarity, "min_cohesion": cal.min_cohesion,
+                **check_rates(unit, labels, sources, cal, shots=shots, seed=seed)}
     if grid:
         rows = []
         for n in sorted({5, n_classes}):
@@ -147,7 +166,17 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append(f"{r['probe']:<10} {r['n_way']:>4} {r['k_shot']:>5} {100 * r['accuracy']:>8.1f}% "
                          f"{100 * r['ci95']:>6.1f}")
     if "open_set" in report:
-        lines.append(f"open-set AUROC ({report['open_set']['n_way']}-way enrolled): {report['open_set']['auroc']:.3f}")
+        o = report["open_set"]
+        lines.append(f"open-set AUROC ({o['n_way']}-way enrolled): {o['auroc']:.3f}")
+        lines.append(f"at the threshold {o['global_threshold']:.3f} "
+                     f"(false accepts {100 * o['false_accept_rate']:.1f}%): "
+                     f"nearest scene right {100 * o['nearest_accuracy']:.1f}%, named right by rule (same false "
+                     f"accepts): " + ", ".join(f"{r} {100 * v['named_accuracy']:.1f}%" for r, v in o["rules"].items())
+                     + f"; rule in force: {o['rule']}")
+        if "enrollment_checks" in o:
+            c = o["enrollment_checks"]
+            lines.append(f"enrollment checks: {100 * c['genuine_refused']:.1f}% of genuine enrollments refused, "
+                         f"{100 * c['intruder_refused']:.1f}% of enrollments with one intruder")
     return "\n".join(lines)
 
 
@@ -204,16 +233,18 @@ def run_evaluate(*, bundle: Path | None, baseline: str | None, data: Path, layou
             encoder, manifest = load_bundle(bundle)
             unit, raw = embed_dataset(encoder, clips)
             used = "torch"
+        threshold, calibration = manifest.unknown_threshold, manifest.calibration
         source = {"bundle": str(bundle), "model_version": manifest.model_version,
                   "architecture": manifest.architecture, "engine": used}
     elif baseline == "logmel-stats":
+        threshold, calibration = None, None
         raw = logmel_baseline(clips)
         unit = l2_normalize(raw)
         source = {"baseline": "log-mel statistics (per-band mean and std, standardised)"}
     else:
         raise ValueError("give --bundle, or --baseline logmel-stats")
     report = fewshot_figures(unit, raw, clips, shots=shots, ways=ways, episodes=episodes, seed=seed, probe=probe,
-                             grid=grid)
+                             grid=grid, unknown_threshold=threshold, calibration=calibration)
     return {**source, "data": str(data), "split": split, **report}
 
 

@@ -135,6 +135,15 @@ def logmel_statistics(logmels: np.ndarray) -> np.ndarray:
     return (feats - feats.mean(axis=0)) / (feats.std(axis=0) + 1e-6)
 
 
+def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
+    """The probability that a positive outscores a negative, ties counting half (Mann-Whitney U)."""
+    from scipy.stats import rankdata
+
+    ranks = rankdata(np.concatenate([positive, negative]))  # average ranks for ties
+    n, m = len(positive), len(negative)
+    return float((ranks[:n].sum() - n * (n + 1) / 2) / (n * m))
+
+
 @dataclass(frozen=True)
 class OpenSetResult:
     n_way: int
@@ -175,10 +184,5 @@ def open_set(
     candidates = np.unique(np.concatenate([k, u]))
     balanced = [((k >= t).mean() + (u < t).mean()) / 2 for t in candidates]
     best = float(candidates[int(np.argmax(balanced))])
-    # AUROC as the probability that a known query outscores an unknown one (ties count half).
-    order = np.argsort(np.concatenate([k, u]), kind="mergesort")
-    ranks = np.empty(len(order))
-    ranks[order] = np.arange(1, len(order) + 1)
-    auroc = (ranks[: len(k)].sum() - len(k) * (len(k) + 1) / 2) / (len(k) * len(u))
-    return OpenSetResult(n_way=n_way, k_shot=k_shot, episodes=episodes, auroc=float(auroc), threshold=best,
+    return OpenSetResult(n_way=n_way, k_shot=k_shot, episodes=episodes, auroc=auroc(k, u), threshold=best,
                          known_accepted=float((k >= best).mean()), unknown_rejected=float((u < best).mean()))

@@ -625,3 +625,9 @@ def export_student(encoder: Encoder, export: Path, cfg: StudentConfig, data: Tra
     from sceneprint.export import add_onnx_after_training
 
     print(add_onnx_after_training(export))  # the graph the service runs
+    from sceneprint.bundle import read_manifest
+    from sceneprint.training.calibration import calibrate_bundle
+
+    if read_manifest(export).graph is not None:  # calibration embeds through the graph, as the service will
+        cal = calibrate_bundle(export, data.root, split=cfg.data.split).calibration
+        print(f"enrollment calibration: {cal}")

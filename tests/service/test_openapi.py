@@ -81,7 +81,7 @@ def test_every_status_a_route_answers_is_documented_as_problem_json(schema: dict
 def test_405_names_every_allowed_method(client: TestClient) -> None:
     r = client.put("/scenes/kitchen")
     assert r.status_code == 405 and r.headers["content-type"] == "application/problem+json"
-    assert set(re.split(r",\s*", r.headers["allow"])) == {"GET", "DELETE"}
+    assert set(re.split(r",\s*", r.headers["allow"])) == {"GET", "PATCH", "DELETE"}
     r = client.get("/classify")
     assert r.status_code == 405 and r.headers["allow"] == "POST"
 

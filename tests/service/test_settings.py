@@ -32,3 +32,12 @@ def test_settings_come_from_the_environment_and_other_project_variables_pass(mon
 def test_an_unknown_keyword_is_refused() -> None:
     with pytest.raises(ValidationError):
         Settings(max_top_k=5)  # type: ignore[call-arg]
+
+
+def test_an_empty_variable_means_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Docker Compose passes `VAR=` for a variable left empty in .env: that is "not set", not "".
+    monkeypatch.setenv("SCENEPRINT_MAX_SCENES", "")
+    monkeypatch.setenv("SCENEPRINT_UNKNOWN_THRESHOLD", "")
+    monkeypatch.setenv("SCENEPRINT_LOG_FORMAT", "")
+    settings = Settings()
+    assert settings.max_scenes == 10_000 and settings.unknown_threshold is None and settings.log_format == "auto"
