@@ -2,7 +2,7 @@
 
 The front-end is part of the encoder (and of its bundle), never a separate setting of the service:
 a model run with another hop or mel count would silently see different features. Its one definition
-is ``sceneprint.logmel.logmel`` (numpy/scipy), which the service runs before the ONNX graph; this
+is ``sceneprint.logmel.logmel`` (numpy), which the service runs before the ONNX graph; this
 module calls it, so training and serving cannot compute features two ways.
 """
 

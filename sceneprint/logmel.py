@@ -1,9 +1,12 @@
-"""The log-mel front-end, in numpy/scipy: the one definition that training and serving share.
+"""The log-mel front-end, in numpy: the one definition that training and serving share.
 
 Serving runs the network as an ONNX graph and this front-end outside it: on a 5 s clip, one thread,
-ONNX Runtime's STFT op takes 11.2 ms where this costs about 1.7 ms (``scipy.fft.rfft``), and the
-network alone runs 2.1 ms in ONNX Runtime (docs/benchmarks.md). Training's ``sceneprint.frontend.LogMel``
-calls this same function, so features cannot differ between the two.
+ONNX Runtime's STFT op takes 11.2 ms where this costs a few ms, and the network alone runs 2.1 ms in
+ONNX Runtime (docs/benchmarks.md). Training's ``sceneprint.frontend.LogMel`` calls this same function,
+so features cannot differ between the two.
+
+The FFT is numpy's in float64: numpy's float32 transform is 3x slower than its float64 one here, and
+scipy's (about 1 ms faster per 5 s clip) would add 143 MB to the serve install (docs/benchmarks.md).
 
 It reproduces ``torchaudio.transforms.MelSpectrogram`` as the first bundles were trained with it
 (centred, reflect-padded power STFT of a periodic Hann window of ``win_length`` centred in ``n_fft``,
@@ -16,7 +19,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
-import scipy.fft
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,13 @@ def analysis_window(config: LogMelConfig) -> np.ndarray:
     return window
 
 
+@lru_cache(maxsize=8)
+def _analysis_window64(config: LogMelConfig) -> np.ndarray:
+    window = analysis_window(config).astype(np.float64)
+    window.flags.writeable = False
+    return window
+
+
 def logmel(waveform: np.ndarray, config: LogMelConfig) -> np.ndarray:
     """Waveforms (B, N) float32 -> normalised log-mel spectrograms (B, 1, n_mels, T).
 
@@ -104,8 +113,8 @@ def logmel(waveform: np.ndarray, config: LogMelConfig) -> np.ndarray:
     padded = np.pad(x, ((0, 0), (pad, pad)), mode="reflect")  # (B, N + n_fft)
     n_frames = config.frames(x.shape[1])
     frames = np.lib.stride_tricks.sliding_window_view(padded, config.n_fft, axis=1)[:, ::config.hop_length]
-    frames = frames[:, :n_frames] * analysis_window(config)  # (B, T, n_fft)
-    spectrum = scipy.fft.rfft(frames, axis=-1)  # (B, T, n_fft // 2 + 1) complex64
+    frames = frames[:, :n_frames] * _analysis_window64(config)  # (B, T, n_fft) float64
+    spectrum = np.fft.rfft(frames, axis=-1).astype(np.complex64)  # (B, T, n_fft // 2 + 1)
     power = spectrum.real**2 + spectrum.imag**2
     mel = power @ mel_filterbank(config)  # (B, T, n_mels)
     out = (np.log(mel + np.float32(config.log_offset)) - np.float32(config.norm_mean)) / np.float32(config.norm_std)

@@ -171,3 +171,22 @@ def _probe(encoder: OnnxEncoder) -> None:
         raise BundleError(f"graph output shape {tuple(out.shape)} != (1, {encoder.embedding_dim})")
     if not np.isfinite(out).all():
         raise BundleError("the graph produces non-finite embeddings")
+
+
+def release_free_memory() -> bool:
+    """Return the C heap's free pages to the operating system (glibc ``malloc_trim``); False where unavailable.
+
+    Start-up (imports, migrations, the model's first run, the index rebuild) frees much of what it
+    allocated, but glibc keeps freed heap pages mapped; trimming once when start-up ends lowers the idle
+    server's resident memory (docs/benchmarks.md).
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return False
+    try:
+        return bool(ctypes.CDLL(name).malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

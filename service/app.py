@@ -24,7 +24,7 @@ from starlette.routing import compile_path
 
 from sceneprint import __version__
 from sceneprint.manifest import Manifest
-from sceneprint.runtime import SessionConfig, limit_blas_threads, load_onnx_encoder
+from sceneprint.runtime import SessionConfig, limit_blas_threads, load_onnx_encoder, release_free_memory
 from sceneprint.service.body_limits import BodyLimitMiddleware, route_body_limit
 from sceneprint.service.clipstore import ClipStore
 from sceneprint.service.connections import RateLimitedLog
@@ -131,6 +131,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.scenes, app.state.keys, engine = await run_in_threadpool(
             partial(build_scene_service, settings, app.state.metrics))
+        release_free_memory()  # what start-up freed goes back to the OS: the idle server's memory
         refresher = asyncio.create_task(_refresh_keys(app.state.keys, settings.key_refresh_s))
         yield
         refresher.cancel()
