@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from functools import partial
+from functools import lru_cache, partial
 from typing import Any, Literal
 
 import torch
@@ -33,6 +33,8 @@ SAMPLE_RATE = 16_000
 N_MELS = 128
 FRAME_LENGTH = 400  # samples: 25 ms at 16 kHz
 FRAME_SHIFT = 160  # samples: 10 ms at 16 kHz
+PADDED_FRAME = 512  # the frame zero-padded to a power of two for the FFT
+PREEMPHASIS = 0.97
 # Statistics of BEATs' fbank values on its pre-training data. The reference divides by twice the std;
 # the checkpoints expect exactly that scale.
 FBANK_MEAN = 15.41663
@@ -181,25 +183,47 @@ def beats_config_from_checkpoint_cfg(cfg: Mapping[str, Any]) -> BEATsConfig:
     return from_dict(BEATsConfig, cfg)
 
 
-def beats_fbank(waveform: torch.Tensor) -> torch.Tensor:
-    """The features BEATs was trained on: normalised Kaldi fbank.
+class KaldiFbank(nn.Module):
+    """The features BEATs was trained on: Kaldi fbank (``torchaudio.compliance.kaldi.fbank``'s defaults: povey
+    window, DC offset removed, pre-emphasis 0.97, 512-point power spectrum, 128 mel bins from 20 Hz, log)
+    of 16-bit sample values, normalised as ``(fbank - mean) / (2 * std)``.
 
-    Args:
-        waveform: (B, N) samples in [-1, 1] at 16 kHz.
-
-    Returns:
-        (B, T, 128) fbank frames, 25 ms windows every 10 ms, as ``(fbank - mean) / (2 * std)``.
+    Batched, with its window and mel matrix as (non-persistent) buffers, so that the whole encoder exports to
+    ONNX; tests hold it to ``kaldi.fbank`` itself.
     """
-    if waveform.dim() != 2:
-        raise ValueError(f"expected a waveform batch (B, N), got shape {tuple(waveform.shape)}")
-    # Kaldi works on 16-bit integer sample values; the log energies, and so the normalisation
-    # constants, assume that scale.
-    fbanks = [
-        kaldi.fbank(clip.unsqueeze(0) * 2**15, num_mel_bins=N_MELS, sample_frequency=SAMPLE_RATE,
-                    frame_length=1000 * FRAME_LENGTH / SAMPLE_RATE, frame_shift=1000 * FRAME_SHIFT / SAMPLE_RATE)
-        for clip in waveform.float()
-    ]  # B x (T, 128)
-    return (torch.stack(fbanks) - FBANK_MEAN) / (2 * FBANK_STD)  # (B, T, 128)
+
+    def __init__(self) -> None:
+        super().__init__()
+        window = torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float64).pow(0.85)  # povey
+        mel, _ = kaldi.get_mel_banks(N_MELS, PADDED_FRAME, float(SAMPLE_RATE), 20.0, 0.0, 100.0, -500.0, 1.0)
+        mel = F.pad(mel, (0, 1))  # (128, 257): no weight on the Nyquist bin
+        self.register_buffer("window", window.float(), persistent=False)
+        self.register_buffer("mel", mel.T.contiguous().float(), persistent=False)  # (257, 128)
+
+    def forward(self, waveform: torch.Tensor) -> torch.Tensor:
+        """(B, N) samples in [-1, 1] at 16 kHz -> (B, T, 128), 25 ms frames every 10 ms (edges snipped)."""
+        if waveform.dim() != 2:
+            raise ValueError(f"expected a waveform batch (B, N), got shape {tuple(waveform.shape)}")
+        # Kaldi works on 16-bit integer sample values; the log energies, and so the normalisation
+        # constants, assume that scale.
+        frames = (waveform.float() * 2**15).unfold(1, FRAME_LENGTH, FRAME_SHIFT)  # (B, T, 400)
+        frames = frames - frames.mean(dim=-1, keepdim=True)
+        previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+        frames = (frames - PREEMPHASIS * previous) * self.window
+        spectrum = torch.fft.rfft(frames, n=PADDED_FRAME)  # (B, T, 257)
+        power = spectrum.real**2 + spectrum.imag**2
+        energies = torch.clamp(power @ self.mel, min=torch.finfo(torch.float32).eps)  # (B, T, 128)
+        return (torch.log(energies) - FBANK_MEAN) / (2 * FBANK_STD)
+
+
+@lru_cache(maxsize=1)
+def _fbank() -> KaldiFbank:
+    return KaldiFbank().eval()
+
+
+def beats_fbank(waveform: torch.Tensor) -> torch.Tensor:
+    """``KaldiFbank`` of a (B, N) batch: (B, T, 128)."""
+    return _fbank()(waveform)
 
 
 def relative_position_buckets(length: int, num_buckets: int, max_distance: int,
@@ -308,7 +332,13 @@ class MultiheadSelfAttention(nn.Module):
         # change under that shift, and the fused kernel is stable on its own.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                            dropout_p=self.dropout if self.training else 0.0)  # (B, H, T, d)
-        return self.out_proj(y.transpose(1, 2).reshape(b, t, c)), position_bias
+        # out_proj over the heads without merging them into (B, T, C) first: with a symbolic length, torch.export
+        # cannot prove the attention output's strides viewable, so the ONNX export failed on that reshape.
+        weight = self.out_proj.weight.view(c, self.num_heads, self.head_dim)  # (C, H, d)
+        out = torch.einsum("bhtd,chd->btc", y, weight)
+        if self.out_proj.bias is not None:
+            out = out + self.out_proj.bias
+        return out, position_bias
 
 
 class TransformerLayer(nn.Module):
@@ -403,6 +433,7 @@ class BEATs(nn.Module):
         super().__init__()
         self.config = config
         patch = config.input_patch_size
+        self.fbank = KaldiFbank()  # buffers only, not in the checkpoint
         self.patch_embedding = nn.Conv2d(1, config.embed_dim, kernel_size=patch, stride=patch, bias=config.conv_bias)
         self.layer_norm = nn.LayerNorm(config.embed_dim)
         # The reference has no projection when the widths agree, and so no such keys in its checkpoints.
@@ -435,7 +466,7 @@ class BEATs(nn.Module):
         if waveform.shape[1] < self.config.min_samples:
             raise ValueError(f"BEATs needs at least {self.config.min_samples} samples (one patch of "
                              f"{self.config.input_patch_size} frames), got {waveform.shape[1]}")
-        fbank = beats_fbank(waveform).to(self.patch_embedding.weight.dtype)  # (B, T, 128)
+        fbank = self.fbank(waveform).to(self.patch_embedding.weight.dtype)  # (B, T, 128)
         x = self.patch_embedding(fbank.unsqueeze(1))  # (B, E, T/16, 128/16)
         x = self.layer_norm(x.flatten(2).transpose(1, 2))  # (B, P, E)
         if self.post_extract_proj is not None:

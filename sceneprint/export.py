@@ -83,7 +83,7 @@ def export_graph(encoder: ClipEncoder, path: Path) -> GraphInfo:
             warnings.simplefilter("ignore")
             program = torch.onnx.export(module, (example,), dynamo=True, opset_version=OPSET, input_names=[name],
                                         output_names=["features"], dynamic_shapes=(dims,), verbose=False)
-    except Exception as exc:  # the exporter's own error types; BEATs' attention over a dynamic length fails here
+    except Exception as exc:  # the exporter's own error types
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BundleError(f"the {encoder.architecture} encoder cannot be exported to ONNX: {first_line}") from exc
     assert program is not None

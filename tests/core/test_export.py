@@ -95,6 +95,21 @@ def test_yamnet_bundle_exports_with_its_front_end_inside_the_graph(tmp_path: Pat
         assert float(onnx_encoder.embed_clip(wav) @ encoder.embed_clip(wav)) > 0.9999
 
 
+def test_beats_bundle_exports_with_its_fbank_inside_the_graph(tmp_path: Path) -> None:
+    from sceneprint.beats import BEATsEncoder, BEATsFrontendConfig, beats_tiny
+
+    torch.manual_seed(0)
+    encoder = BEATsEncoder(BEATsFrontendConfig(), beats_tiny(), WindowConfig()).eval()
+    bundle = tmp_path / "beats"
+    save_bundle(bundle, encoder, model_version="beats-tiny-random", training={}, evaluation={})
+    manifest = add_onnx(bundle)  # checked against torch on its probe clip, too
+    assert manifest.graph is not None and manifest.graph.input == "waveform"
+    onnx_encoder = load_onnx_encoder(bundle)
+    for seconds in (1.2, 7.0):  # one window of its own length; two 5 s windows
+        wav = af.scene_clip("hum", 2, seconds, rate=16_000)
+        assert float(onnx_encoder.embed_clip(wav) @ encoder.embed_clip(wav)) > 0.9999
+
+
 def test_export_leaves_no_staging_files(tmp_path: Path) -> None:
     bundle = make_bundle(tmp_path / "b")
     copy = tmp_path / "copy"
