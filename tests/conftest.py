@@ -79,3 +79,23 @@ def clip_files(kind: str = "hum", n: int = 5, seed: int = 0, seconds: float = 2.
     """Multipart ``files`` entries of ``n`` distinct synthetic clips."""
     return [("files", (f"{kind}-{i}.wav", af.wav(af.scene_clip(kind, seed + i, seconds)), "audio/wav"))
             for i in range(n)]
+
+
+@pytest.fixture(scope="session")
+def postgres_admin_url() -> Iterator[str]:
+    """A private PostgreSQL server for the session (skipped, with the reason, where none can be started)."""
+    from tests.postgres import postgres_server, server_binaries
+
+    if server_binaries() is None:
+        pytest.skip("PostgreSQL server binaries not installed (Debian: apt-get install postgresql; .ci/run does)")
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture
+def postgres_url(postgres_admin_url: str, request: pytest.FixtureRequest) -> str:
+    """An empty database of its own for one test."""
+    from tests.postgres import fresh_database
+
+    name = "t_" + "".join(ch if ch.isalnum() else "_" for ch in request.node.name.lower())[:50]
+    return fresh_database(postgres_admin_url, name)
