@@ -48,6 +48,7 @@ def render(bundle: Path) -> str:
         f"- Held out, never seen in training ({len(data.get('heldout_classes_never_seen', []))}): "
         f"{', '.join(data.get('heldout_classes_never_seen', []))}.",
         "- Full configuration: `training.config` in `manifest.json`.",
+        *([f"- Selection: {t['selection']}"] if "selection" in t else []),
         "",
         "## Evaluation",
         "",
@@ -75,6 +76,24 @@ def render(bundle: Path) -> str:
             f"the best balanced accuracy, **{open_set['threshold']:.3f}**: it accepts "
             f"{100 * open_set['known_accepted']:.1f}% of queries of enrolled scenes and reports "
             f"{100 * open_set['unknown_rejected']:.1f}% of the others as unknown.",
+        ]
+    cal = m.calibration
+    if cal is not None:
+        lines += [
+            "",
+            f"Enrollment checks ({cal.source}): a clip whose leave-one-out similarity is below "
+            f"{cal.min_clip_similarity:.3f}, or a scene whose cohesion is below {cal.min_cohesion:.3f}, is refused "
+            f"(the {100 * cal.false_refusal:.1f}% quantiles of genuine enrollments); decision rule `{cal.rule}`.",
+        ]
+    fewshot_55 = fewshot.get("5way_5shot")
+    if fewshot_55:
+        acc = fewshot_55["accuracy"]
+        lines += [
+            "",
+            f"Targets (issue: student stage), held-out 5-way 5-shot: at least 92% — **missed by "
+            f"{100 * (0.92 - acc):.1f} points** — and at or above the frozen 3.7M-parameter YAMNet on the same "
+            f"episodes (89.8%, docs/results.md) — **missed by {100 * (0.898 - acc):.1f} points**."
+            if acc < 0.898 else f"Targets: held-out 5-way 5-shot {100 * acc:.1f}%.",
         ]
     card = e.get("complexity")
     if card:
