@@ -192,6 +192,9 @@ class KaldiFbank(nn.Module):
     ONNX; tests hold it to ``kaldi.fbank`` itself.
     """
 
+    window: torch.Tensor
+    mel: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         window = torch.hann_window(FRAME_LENGTH, periodic=False, dtype=torch.float64).pow(0.85)  # povey
