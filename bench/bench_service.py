@@ -55,7 +55,7 @@ from sqlalchemy import insert
 from sqlalchemy.orm import Session
 
 from sceneprint.audio import ClipLimits, decode_clip
-from sceneprint.manifest import Manifest
+from sceneprint.manifest import Manifest, model_key
 from sceneprint.runtime import OnnxEncoder, SessionConfig, limit_blas_threads, load_onnx_encoder
 from sceneprint.service.db import make_engine
 from sceneprint.service.migrate import upgrade
@@ -578,7 +578,7 @@ def build_synthetic_db(data_dir: Path, n_scenes: int, manifest: Manifest, seed: 
                 session.execute(insert(Scene), [{"id": i, "name": f"synthetic-{i:07d}", "created_at": now}
                                                 for i in ids])
                 session.execute(insert(Prototype), [
-                    {"scene_id": i, "model_version": manifest.model_version, "vector": v.tobytes(),
+                    {"scene_id": i, "model_version": model_key(manifest), "vector": v.tobytes(),
                      "n_clips": CLIPS_PER_ENROLLMENT, "updated_at": now}
                     for i, v in zip(ids, vectors, strict=True)])
             session.commit()

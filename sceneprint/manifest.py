@@ -82,6 +82,30 @@ class Manifest:
         return data
 
 
+# What decides the embeddings a bundle makes: its configs and the hashes of its weights and graph. Figures,
+# calibration, dates and the version string may change without changing one embedding.
+MAX_KEY_VERSION = 111
+IDENTITY_FIELDS = ("architecture", "sample_rate", "embedding_dim", "frontend", "network", "window",
+                   "weights_sha256", "graph")
+
+
+def model_fingerprint(manifest: Manifest) -> str:
+    """The sha256 of what makes a bundle's embeddings: two bundles share it only if they embed alike."""
+    data = manifest.to_json()
+    identity = {name: data.get(name) for name in IDENTITY_FIELDS}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def model_key(manifest: Manifest) -> str:
+    """The key embeddings and prototypes are stored under: ``<model_version>@<first 16 of the fingerprint>``.
+
+    The version string alone is not enough: two bundles of one name but different weights embed into
+    different spaces and must never share vectors.
+    """
+    # The version is cut to keep the key within the database's 128 characters; the fingerprint tells keys apart.
+    return f"{manifest.model_version[:MAX_KEY_VERSION]}@{model_fingerprint(manifest)[:16]}"
+
+
 def default_bundle_path() -> Path:
     """The bundled default encoder, shipped inside the package (``sceneprint.models``)."""
     return Path(str(files("sceneprint.models"))) / "sceneprint-default"

@@ -6,7 +6,8 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import AsyncIterator
+import signal
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from functools import partial
 from typing import Any
@@ -18,13 +19,16 @@ from fastapi.routing import iter_route_contexts
 from fastapi_offline import FastAPIOffline
 from sqlalchemy import Engine
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import compile_path
 
 from sceneprint import __version__
-from sceneprint.manifest import Manifest
+from sceneprint.manifest import BundleError, Manifest
+from sceneprint.registry import Registry, RegistryError, verify_bundle
 from sceneprint.runtime import SessionConfig, limit_blas_threads, load_onnx_encoder, release_free_memory
+from sceneprint.service import repository as repo
 from sceneprint.service.body_limits import BodyLimitMiddleware, route_body_limit
 from sceneprint.service.clipstore import ClipStore
 from sceneprint.service.connections import RateLimitedLog
@@ -34,7 +38,8 @@ from sceneprint.service.index import SceneIndex
 from sceneprint.service.keys import KeyRing
 from sceneprint.service.metrics import MeteredSceneService, Metrics
 from sceneprint.service.migrate import upgrade
-from sceneprint.service.routes import classify, health, keys, metrics, scenes
+from sceneprint.service.reload import Reloader
+from sceneprint.service.routes import admin, classify, health, keys, metrics, scenes
 from sceneprint.service.scenes import DecisionPolicy, LoadedModel, Quotas, SceneService
 from sceneprint.service.schemas import Problem
 from sceneprint.service.settings import Settings
@@ -57,24 +62,58 @@ def build_scene_service(settings: Settings, metrics: Metrics | None = None) -> t
     url = settings.resolved_database_url
     upgrade(url)
     limit_blas_threads(settings.inference_threads)  # numpy's share of an embed runs in its slot, like the graph
-    encoder = load_onnx_encoder(settings.model_path, session=SessionConfig(intra_op_threads=settings.inference_threads))
-    manifest = encoder.manifest
     engine = make_engine(url, busy_timeout_s=settings.db_busy_timeout_s)
     sessions = make_session_factory(engine)
+    model = load_served_model(settings, sessions)
+    manifest = model.manifest
     service = MeteredSceneService(
         metrics=metrics or Metrics(), sessions=sessions, store=ClipStore(settings.clip_dir),
         index=SceneIndex(manifest.embedding_dim, settings.index_precision),
-        model=LoadedModel(encoder, manifest), limits=settings.clip_limits,
+        model=model, limits=settings.clip_limits,
         clips_per_enrollment=settings.clips_per_enrollment,
         quotas=Quotas(max_scenes=settings.max_scenes, max_clips_per_scene=settings.max_clips_per_scene,
                       max_stored_bytes=settings.max_stored_bytes),
         decisions=decision_policy(settings, manifest),
         inference_slots=settings.inference_slots,
+        reembed_batch_clips=settings.reload_batch_clips,
     )
     report = service.start()
-    log.info("model %s loaded, unknown threshold %.3f; %s", manifest.model_version, service.unknown_threshold,
-             report)
+    log.info("model %s loaded, unknown threshold %.3f; %s", model.key, service.unknown_threshold, report)
     return service, KeyRing(sessions), engine
+
+
+def load_served_model(settings: Settings, sessions: sessionmaker[Session]) -> LoadedModel:
+    """The model to serve at start.
+
+    The bundle given by path (``model_path``), if one is. Else, from the registry (seeded with the bundled model
+    when empty): the version the service last fully switched to, where the registry's current version differs
+    (the reload to that one resumes once the service runs, in the background), else the current version.
+    """
+    session = SessionConfig(intra_op_threads=settings.inference_threads)
+    root = settings.resolved_registry
+    if root is None:
+        assert settings.model_path is not None
+        encoder = load_onnx_encoder(settings.model_path, session=session)
+        return LoadedModel(encoder, encoder.manifest)
+    registry = Registry(root)
+    pointer = registry.seed(settings.seed_bundle)
+    with sessions() as db:
+        last = repo.last_activated_model(db)
+        last_key, last_version = (last.key, last.registry_version) if last is not None else (None, None)
+    if last_version is not None and last_version != pointer.version:
+        try:
+            verified = verify_bundle(registry.path(last_version), session=session)
+            if verified.key == last_key:
+                log.info("serving registry version %s, the model last switched to; the registry's current version "
+                         "%s will be loaded in the background", last_version, pointer.version)
+                return LoadedModel(verified.encoder, verified.manifest, registry_version=last_version)
+            log.warning("registry version %s is no longer the model %s; serving the current version", last_version,
+                        last_key)
+        except (BundleError, RegistryError, OSError) as exc:
+            log.warning("cannot serve registry version %s again (%s); serving the current version %s", last_version,
+                        exc, pointer.version)
+    verified = verify_bundle(registry.path(pointer.version), session=session)
+    return LoadedModel(verified.encoder, verified.manifest, registry_version=pointer.version)
 
 
 def decision_policy(settings: Settings, manifest: Manifest) -> DecisionPolicy:
@@ -111,6 +150,19 @@ def unknown_threshold(settings: Settings, manifest: Manifest) -> float:
     return DEFAULT_UNKNOWN_THRESHOLD
 
 
+def _on_sighup(handler: Callable[[], object] | None) -> None:
+    """Call ``handler`` on SIGHUP (None: stop). Only the main thread's event loop can take signals: a server
+    run in another thread (tests) is reloaded through its pointer or ``POST /admin/reload`` instead."""
+    loop = asyncio.get_running_loop()
+    try:
+        if handler is None:
+            loop.remove_signal_handler(signal.SIGHUP)
+        else:
+            loop.add_signal_handler(signal.SIGHUP, handler)
+    except (ValueError, RuntimeError, NotImplementedError, AttributeError):
+        return
+
+
 async def _refresh_keys(ring: KeyRing, every_s: float) -> None:
     """Re-read the API keys for as long as the app runs; a database outage keeps the last ones read."""
     limited = RateLimitedLog(log)
@@ -132,11 +184,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.scenes, app.state.keys, engine = await run_in_threadpool(
             partial(build_scene_service, settings, app.state.metrics))
         release_free_memory()  # what start-up freed goes back to the OS: the idle server's memory
-        refresher = asyncio.create_task(_refresh_keys(app.state.keys, settings.key_refresh_s))
+        tasks = [asyncio.create_task(_refresh_keys(app.state.keys, settings.key_refresh_s))]
+        reloader = None
+        root = settings.resolved_registry
+        if root is not None:
+            reloader = Reloader(app.state.scenes, Registry(root), policy=partial(decision_policy, settings),
+                                session=SessionConfig(intra_op_threads=settings.inference_threads),
+                                keep_models=settings.kept_models, poll_s=settings.registry_poll_s,
+                                metrics=app.state.metrics)
+            app.state.reloader = reloader
+            tasks.append(asyncio.create_task(reloader.watch()))
+            reloader.request("start")  # resumes a reload that a stop interrupted; nothing if up to date
+            _on_sighup(lambda: reloader.request("SIGHUP"))
         yield
-        refresher.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await refresher
+        if reloader is not None:
+            _on_sighup(None)
+            await reloader.close()
+        for task in tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
         app.state.scenes.close()
         engine.dispose()
 
@@ -152,6 +219,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.settings = settings
     app.state.scenes = None
     app.state.keys = None
+    app.state.reloader = None
     app.state.metrics = Metrics()
     app.state.metrics.watch(lambda: app.state.scenes, settings.inference_slots)
     app.add_middleware(BodyLimitMiddleware, limit=route_body_limit(settings),
@@ -161,6 +229,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(scenes.build_router(settings))
     app.include_router(classify.build_router(settings))
     app.include_router(keys.router)
+    app.include_router(admin.router)
     app.include_router(health.router)
     app.include_router(metrics.router)
     _install_error_handlers(app)

@@ -1,4 +1,5 @@
-"""The service's commands (``serve``, ``migrate``, ``keys``), registered on the ``sceneprint`` CLI from above.
+"""The service's commands (``serve``, ``migrate``, ``keys``, the model registry's ``publish``, ``rollback`` and
+``models``, and ``scenes export``), registered on the ``sceneprint`` CLI from above. None needs torch.
 
 Heavy imports happen inside the commands, so that ``sceneprint --help`` and the training commands
 never load the web stack.
@@ -18,6 +19,8 @@ if TYPE_CHECKING:
 
 DataDir = Annotated[Path | None, typer.Option(help="Data directory (database, clip store). "
                                                    "Default: $SCENEPRINT_DATA_DIR or ./data")]
+RegistryDir = Annotated[Path | None, typer.Option(help="Model registry directory. Default: $SCENEPRINT_REGISTRY, "
+                                                       "else <data dir>/models")]
 
 
 def _settings(data_dir: Path | None, **overrides: Any) -> Settings:
@@ -50,7 +53,11 @@ def serve(
                                            "--allow-open).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     data_dir: DataDir = None,
-    model: Annotated[Path | None, typer.Option(help="Encoder bundle directory (default: the bundled model).")] = None,
+    model: Annotated[Path | None, typer.Option(help="One encoder bundle directory, served without a registry (no "
+                                                    "reloads).")] = None,
+    registry: Annotated[Path | None, typer.Option(help="Serve the current version of this model registry and "
+                                                       "follow it (default: $SCENEPRINT_REGISTRY, else <data "
+                                                       "dir>/models, seeded with the bundled model).")] = None,
     allow_open: Annotated[bool, typer.Option("--allow-open", help="Serve without API keys on a non-loopback "
                                                                   "address.")] = False,
     log_level: Annotated[str, typer.Option(help="Log level.")] = "info",
@@ -64,7 +71,7 @@ def serve(
     from sceneprint.service.deps import is_loopback
     from sceneprint.service.logs import configure_logging
 
-    settings = _settings(data_dir, model_path=model, allow_open=allow_open or None)
+    settings = _settings(data_dir, model_path=model, registry=registry, allow_open=allow_open or None)
     configure_logging(settings.log_format, log_level)
     with _sessions(settings)() as session:
         keys = repo.active_keys(session)
@@ -74,7 +81,8 @@ def serve(
                    "or pass --allow-open.", err=True)
         raise typer.Exit(2)
     try:
-        read_servable_manifest(settings.model_path)
+        if settings.model_path is not None:
+            read_servable_manifest(settings.model_path)
     except BundleError as exc:
         typer.echo(f"cannot serve: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -138,8 +146,103 @@ def keys_revoke(name: Annotated[str, typer.Argument(help="The key's name.")], da
     typer.echo(f"API key {revoked.name!r} revoked")
 
 
+def _registry(registry: Path | None, data_dir: Path | None) -> Path:
+    """The registry directory: the one given, else the service's (``$SCENEPRINT_REGISTRY`` or <data dir>/models)."""
+    if registry is not None:
+        return registry
+    settings = _settings(data_dir)
+    return settings.registry if settings.registry is not None else settings.data_dir / "models"
+
+
+def publish(
+    bundle: Annotated[Path, typer.Argument(help="Bundle directory (with its ONNX graph).")],
+    registry: RegistryDir = None,
+    version: Annotated[str | None, typer.Option(help="The version's name (default: v<N>, one above the highest).")]
+    = None,
+    min_accuracy: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Refuse a bundle whose held-out "
+                                                                              "5-way 5-shot accuracy is below this "
+                                                                              "(where it carries one).")] = None,
+    activate: Annotated[bool, typer.Option(help="Make it the current version (services following the registry "
+                                                "reload it).")] = True,
+    data_dir: DataDir = None,
+) -> None:
+    """Verify a bundle and publish it as a new registry version (and, by default, the current one)."""
+    from sceneprint.manifest import BundleError
+    from sceneprint.registry import Registry, RegistryError
+
+    try:
+        published = Registry(_registry(registry, data_dir)).publish(bundle, version=version,
+                                                                    min_accuracy=min_accuracy, activate=activate)
+    except (BundleError, RegistryError) as exc:
+        typer.echo(f"not published: {exc}", err=True)
+        raise typer.Exit(1) from None
+    figure = f", held-out accuracy {published.accuracy:.4f}" if published.accuracy is not None else ""
+    state = "now the current version" if published.current else "stored (not current)"
+    typer.echo(f"published {bundle} as version {published.version} ({published.key}{figure}); {state}")
+
+
+def rollback(
+    registry: RegistryDir = None,
+    to: Annotated[str | None, typer.Option(help="The version to make current (default: the one published before "
+                                                "the current one).")] = None,
+    data_dir: DataDir = None,
+) -> None:
+    """Make an earlier registry version current again (verified first); services following the registry reload it."""
+    from sceneprint.manifest import BundleError
+    from sceneprint.registry import Registry, RegistryError
+
+    try:
+        chosen = Registry(_registry(registry, data_dir)).rollback(to)
+    except (BundleError, RegistryError) as exc:
+        typer.echo(f"not rolled back: {exc}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"version {chosen.version} ({chosen.key}) is current again")
+
+
+def models(
+    registry: RegistryDir = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")] = False,
+    data_dir: DataDir = None,
+) -> None:
+    """List the registry's versions, oldest first, with their figures and which one is current."""
+    import json
+    from dataclasses import asdict
+
+    from sceneprint.registry import Registry
+
+    versions = Registry(_registry(registry, data_dir)).versions()
+    if json_out:
+        typer.echo(json.dumps([{**asdict(v), "path": str(v.path)} for v in versions], indent=2))
+        return
+    if not versions:
+        typer.echo("no version published yet")
+    for v in versions:
+        figure = f"{v.accuracy:.4f}" if v.accuracy is not None else "-"
+        typer.echo(f"{'*' if v.current else ' '} {v.version}\t{v.key}\taccuracy {figure}\tpublished {v.published_at}")
+
+
+def scenes_export(
+    out: Annotated[Path, typer.Option(help="Folder to write: audio/<scene>/*.wav and meta.csv.")],
+    data_dir: DataDir = None,
+    sample_rate: Annotated[int, typer.Option(help="Sample rate of the written clips.")] = 32_000,
+    segment_seconds: Annotated[float, typer.Option(help="Length of each written clip: a stored clip is cut into "
+                                                        "segments of this length (a shorter one is repeated to it)")]
+    = 5.0,
+) -> None:
+    """Write the enrolled scenes' kept audio as a labelled folder data set (meta.csv: one class per scene, one
+    source per stored clip), for `sceneprint retrain --extra-classes`."""
+    from sceneprint.service.export import export_scenes
+
+    settings = _settings(data_dir)
+    summary = export_scenes(_sessions(settings), settings.clip_dir, out, sample_rate=sample_rate,
+                            segment_seconds=segment_seconds)
+    typer.echo(f"{out}: {summary['clips']} clips of {summary['scenes']} scenes (from {summary['stored_clips']} "
+               "stored clips); meta.csv lists them")
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``serve``, ``migrate`` and ``keys create|list|revoke`` to the CLI."""
+    """Add ``serve``, ``migrate``, ``keys create|list|revoke``, ``publish``, ``rollback``, ``models`` and
+    ``scenes export`` to the CLI."""
     app.command()(serve)
     app.command()(migrate)
     keys_app = typer.Typer(help="API keys: scopes classify, enroll, admin; stored hashed.", no_args_is_help=True)
@@ -147,3 +250,9 @@ def register(app: typer.Typer) -> None:
     keys_app.command("list")(keys_list)
     keys_app.command("revoke")(keys_revoke)
     app.add_typer(keys_app, name="keys")
+    app.command()(publish)
+    app.command()(rollback)
+    app.command()(models)
+    scenes_app = typer.Typer(help="The enrolled scenes.", no_args_is_help=True)
+    scenes_app.command("export")(scenes_export)
+    app.add_typer(scenes_app, name="scenes")

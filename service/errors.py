@@ -121,6 +121,12 @@ class NotReady(SceneprintError):
     status, code, title = 503, "not_ready", "Service not ready"
 
 
+class NoRegistry(SceneprintError):
+    """A reload was asked of a service that serves one bundle by path, not a registry's current version."""
+
+    status, code, title = 409, "no_registry", "No model registry"
+
+
 def problem(status: int, code: str, title: str, detail: str, instance: str | None = None,
             **extra: Any) -> dict[str, Any]:
     """An RFC 9457 problem document."""

@@ -30,6 +30,9 @@ log = logging.getLogger("sceneprint.service.metrics")
 LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 # Re-embedding one scene: its clips decoded and embedded again (a few clips, up to hundreds).
 REEMBED_BUCKETS_S = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0)
+# A whole model reload: every stored clip re-embedded (seconds for hundreds of clips, an hour for millions).
+RELOAD_BUCKETS_S = (1.0, 5.0, 15.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
+RELOAD_OUTCOMES = ("done", "failed")
 OUTCOMES = ("named", "unknown")
 UNMATCHED_ROUTE = "<unmatched>"  # a path no route template matches: one label, whatever the path
 
@@ -54,6 +57,18 @@ class Metrics:
                                          "Time to re-embed one scene's clips for the running model (at start-up "
                                          "or after a model change).", buckets=REEMBED_BUCKETS_S,
                                          registry=self.registry)
+        self.reload_seconds = Histogram("sceneprint_reload_duration_seconds",
+                                        "Time from a model reload's start to the switch (bundle checked, every "
+                                        "stored clip re-embedded, index built).", buckets=RELOAD_BUCKETS_S,
+                                        registry=self.registry)
+        self.reloads = Counter("sceneprint_reloads", "Model reloads, by outcome: done (switched) or failed (refused; "
+                                                     "the old model kept serving).", ["outcome"],
+                               registry=self.registry)
+        for outcome in RELOAD_OUTCOMES:
+            self.reloads.labels(outcome=outcome)
+        self.reembedded_clips = Counter("sceneprint_reload_reembedded_clips",
+                                        "Stored clips re-embedded from their audio by model reloads.",
+                                        registry=self.registry)
         ProcessCollector(registry=self.registry)  # memory, CPU time, open file descriptors
 
     def observe_request(self, *, method: str, route: str, status: int, seconds: float) -> None:

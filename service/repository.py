@@ -10,13 +10,13 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import numpy as np
-from sqlalchemy import delete, func, select
+from sqlalchemy import and_, delete, func, insert, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from sceneprint.service.errors import DuplicateClips, KeyExists, SceneExists
 from sceneprint.service.schemas import KeyPublic, ScenePublic
-from sceneprint.service.tables import ApiKey, Clip, ClipEmbedding, Prototype, Scene, utcnow
+from sceneprint.service.tables import ApiKey, Clip, ClipEmbedding, Prototype, Scene, ServedModel, utcnow
 
 
 def vector_bytes(vector: np.ndarray) -> bytes:
@@ -110,9 +110,11 @@ def clip_embeddings(session: Session, *, scene_id: int, model_version: str) -> n
     return np.stack([bytes_vector(r) for r in rows])
 
 
-def scenes(session: Session, *, model_version: str, name: str | None = None) -> list[ScenePublic]:
+def scenes(session: Session, *, model_version: str, name: str | None = None,
+           shown_version: str | None = None) -> list[ScenePublic]:
     """Scenes by name (or the one named), as the API shows them; ``model_version`` is set where the scene has
-    a prototype for the queried model."""
+    a prototype for the queried model (stored under the model's key ``model_version``; shown as
+    ``shown_version``, the model's version string, where given)."""
     clip_count = select(func.count(Clip.id)).where(Clip.scene_id == Scene.id).scalar_subquery()
     proto_version = (select(Prototype.model_version)
                      .where(Prototype.scene_id == Scene.id, Prototype.model_version == model_version)
@@ -120,7 +122,9 @@ def scenes(session: Session, *, model_version: str, name: str | None = None) -> 
     query = select(Scene.name, clip_count, proto_version, Scene.created_at).order_by(Scene.name)
     if name is not None:
         query = query.where(Scene.name == name)
-    return [ScenePublic(name=scene_name, clips=clips, model_version=version, created_at=as_utc(created))
+    return [ScenePublic(name=scene_name, clips=clips,
+                        model_version=(shown_version or version) if version is not None else None,
+                        created_at=as_utc(created))
             for scene_name, clips, version, created in session.execute(query).all()]
 
 
@@ -176,6 +180,122 @@ def stored_bytes(session: Session) -> int:
     """Bytes of audio in the clip store: each distinct clip content counted once, as it is stored once."""
     per_blob = select(Clip.sha256, func.max(Clip.byte_size).label("size")).group_by(Clip.sha256).subquery()
     return int(session.scalar(select(func.coalesce(func.sum(per_blob.c.size), 0))) or 0)
+
+
+def count_all_clips(session: Session) -> int:
+    return int(session.scalar(select(func.count(Clip.id))) or 0)
+
+
+# --- re-embedding for another model -------------------------------------------------------------
+
+
+def clips_missing_embedding(session: Session, *, model_version: str) -> list[tuple[int, int, str]]:
+    """(clip id, scene id, sha256) of every clip without an embedding under the model key ``model_version``,
+    by scene."""
+    return clips_missing_embedding_among(session, model_version=model_version, ids=None)
+
+
+def clips_missing_embedding_among(session: Session, *, model_version: str, ids: list[int] | None
+                                  ) -> list[tuple[int, int, str]]:
+    """As ``clips_missing_embedding``, among the clips ``ids`` (those that still exist) where given."""
+    has = select(ClipEmbedding.clip_id).where(ClipEmbedding.clip_id == Clip.id,
+                                              ClipEmbedding.model_version == model_version).exists()
+    query = select(Clip.id, Clip.scene_id, Clip.sha256).where(~has).order_by(Clip.scene_id, Clip.id)
+    if ids is not None:
+        query = query.where(Clip.id.in_(ids))
+    return [(clip_id, scene_id, sha) for clip_id, scene_id, sha in session.execute(query).all()]
+
+
+def insert_clip_embeddings(session: Session, *, model_version: str, rows: list[tuple[int, np.ndarray]]) -> None:
+    """Insert (clip id, embedding) rows under ``model_version`` (clips that have none under it yet)."""
+    if rows:
+        session.execute(insert(ClipEmbedding), [{"clip_id": clip_id, "model_version": model_version,
+                                                 "vector": vector_bytes(vec)} for clip_id, vec in rows])
+
+
+def scenes_needing_prototype(session: Session, *, model_version: str) -> list[int]:
+    """Ids of scenes whose prototype under ``model_version`` is missing or made from another number of clips than
+    they hold (clips were added while another model served)."""
+    clip_count = select(func.count(Clip.id)).where(Clip.scene_id == Scene.id).scalar_subquery()
+    query = (select(Scene.id)
+             .join(Prototype, (Prototype.scene_id == Scene.id) & (Prototype.model_version == model_version),
+                   isouter=True)
+             .where(or_(Prototype.scene_id.is_(None), and_(clip_count > 0, Prototype.n_clips != clip_count)))
+             .order_by(Scene.id))
+    return list(session.scalars(query).all())
+
+
+def embeddings_by_scene(session: Session, *, model_version: str, scene_ids: list[int]
+                        ) -> dict[int, tuple[int, np.ndarray]]:
+    """Per scene: (its clip count, its clips' embeddings under ``model_version`` (N, D), in clip order)."""
+    counts = {sid: n for sid, n in session.execute(select(Clip.scene_id, func.count(Clip.id))
+                                                   .where(Clip.scene_id.in_(scene_ids)).group_by(Clip.scene_id)).all()}
+    rows = session.execute(
+        select(Clip.scene_id, ClipEmbedding.vector).join(ClipEmbedding, Clip.id == ClipEmbedding.clip_id)
+        .where(Clip.scene_id.in_(scene_ids), ClipEmbedding.model_version == model_version)
+        .order_by(Clip.scene_id, Clip.id)).all()
+    vectors: dict[int, list[np.ndarray]] = {}
+    for scene_id, vec in rows:
+        vectors.setdefault(scene_id, []).append(bytes_vector(vec))
+    return {sid: (int(counts.get(sid, 0)), np.stack(vecs)) for sid, vecs in vectors.items()}
+
+
+def replace_prototypes(session: Session, *, model_version: str,
+                       rows: list[tuple[int, np.ndarray, int, float | None]]) -> None:
+    """Write (scene id, prototype, clip count, cohesion) rows under ``model_version``, replacing those there."""
+    if not rows:
+        return
+    session.execute(delete(Prototype).where(Prototype.model_version == model_version,
+                                            Prototype.scene_id.in_([r[0] for r in rows])))
+    now = utcnow()
+    session.execute(insert(Prototype), [{"scene_id": sid, "model_version": model_version, "vector": vector_bytes(v),
+                                         "n_clips": n, "cohesion": cohesion, "updated_at": now}
+                                        for sid, v, n, cohesion in rows])
+
+
+# --- served models ------------------------------------------------------------------------------
+
+
+def record_model(session: Session, *, key: str, model_version: str, registry_version: str | None) -> None:
+    """Note a model the service embeds for (once; a known key keeps its row and activation time). Call it first
+    in its session: a row inserted meanwhile by another replica rolls the session back and is updated instead."""
+    row = session.get(ServedModel, key)
+    if row is None:
+        session.add(ServedModel(key=key, model_version=model_version, registry_version=registry_version,
+                                created_at=utcnow()))
+        try:
+            session.flush()
+            return
+        except IntegrityError:
+            session.rollback()
+            row = session.get(ServedModel, key)
+    if row is not None and registry_version is not None:
+        row.registry_version = registry_version
+    session.flush()
+
+
+def activate_model(session: Session, *, key: str) -> None:
+    """Record that ``key`` went live: every scene has its prototype under it."""
+    session.execute(update(ServedModel).where(ServedModel.key == key).values(activated_at=utcnow()))
+
+
+def last_activated_model(session: Session) -> ServedModel | None:
+    """The model the service most recently switched to, fully."""
+    return session.scalars(select(ServedModel).where(ServedModel.activated_at.is_not(None))
+                           .order_by(ServedModel.activated_at.desc()).limit(1)).one_or_none()
+
+
+def recent_model_keys(session: Session, *, count: int) -> list[str]:
+    """The keys of the ``count`` models most recently live, newest first."""
+    return list(session.scalars(select(ServedModel.key).where(ServedModel.activated_at.is_not(None))
+                                .order_by(ServedModel.activated_at.desc()).limit(count)).all())
+
+
+def prune_embeddings(session: Session, *, keep: set[str]) -> tuple[int, int]:
+    """Delete embeddings and prototypes of every model key not in ``keep``; (embeddings, prototypes) deleted."""
+    clips = session.execute(delete(ClipEmbedding).where(ClipEmbedding.model_version.not_in(keep)))
+    protos = session.execute(delete(Prototype).where(Prototype.model_version.not_in(keep)))
+    return int(getattr(clips, "rowcount", 0) or 0), int(getattr(protos, "rowcount", 0) or 0)
 
 
 # --- API keys -----------------------------------------------------------------------------------

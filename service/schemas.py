@@ -87,8 +87,35 @@ class Readiness(BaseModel):
         default=None, description="'open': no API key exists, so requests need none (loopback only unless "
                                   "--allow-open); 'keys': every request but the health checks needs one.")
     model_version: str | None = None
+    model_key: str | None = Field(default=None, description="The served model's identity: its version and a "
+                                                            "fingerprint of its configs, weights and graph.")
     scenes_indexed: int | None = None
     unknown_threshold: float | None = None
+
+
+class ReloadPublic(BaseModel):
+    """Where the last (or running) model reload stands, and what the service serves now."""
+
+    state: Literal["idle", "loading", "reembedding", "catching_up", "switching", "done", "failed"] = Field(
+        description="idle: none since start; loading: checking the new bundle; reembedding: embedding every stored "
+                    "clip from its audio; catching_up: embedding what was enrolled meanwhile; switching: the last "
+                    "catch-up and the swap (writes wait briefly); done; failed: refused, the old model serves.")
+    serving_version: str = Field(description="The model version serving now.")
+    serving_key: str = Field(description="Its identity key (version@fingerprint).")
+    serving_registry_version: str | None = Field(description="The registry version serving now (null: a bundle "
+                                                             "given by path).")
+    registry: str | None = Field(description="The registry followed (null: none; reloads are refused).")
+    target_version: str | None = Field(default=None, description="The registry version being (or last) loaded.")
+    target_key: str | None = None
+    reason: str | None = Field(default=None, description="What started it: start, pointer changed, SIGHUP, admin.")
+    clips_total: int = Field(default=0, description="Stored clips found without an embedding for the new model.")
+    clips_done: int = Field(default=0, description="Of those, re-embedded so far.")
+    clips_stored: int = Field(default=0, description="Of those, committed to the database: what a restart resumes "
+                                                     "from.")
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    seconds: float | None = None
+    error: str | None = Field(default=None, description="Why it failed.")
 
 
 class KeyCreate(BaseModel):

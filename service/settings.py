@@ -35,7 +35,21 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(default=Path("data"), description="Where the database and clip store live.")
     database_url: str = Field(default="", description="SQLAlchemy URL; empty: SQLite file in data_dir.")
-    model_path: Path = Field(default_factory=default_bundle_path, description="Encoder bundle directory.")
+    model_path: Path | None = Field(
+        default=None, description="One encoder bundle directory, served as it is, without a registry (no reloads). "
+                                  "Default: the registry's current version.")
+    registry: Path | None = Field(
+        default=None, description="The model registry directory whose current version is served and followed "
+                                  "(reloaded when its pointer changes). Default: <data_dir>/models, seeded with the "
+                                  "bundled model on first start.")
+    registry_poll_s: float = Field(default=1.0, gt=0, le=3600,
+                                   description="How often the registry's pointer is checked for a new version.")
+    kept_models: int = Field(default=3, ge=1, description="Embeddings and prototypes of this many most recently "
+                                                          "served models are kept (a rollback to one is immediate); "
+                                                          "older ones are deleted.")
+    reload_batch_clips: int = Field(default=2, ge=1, le=256,
+                                    description="Stored clips one re-embedding job embeds (on the reload's own "
+                                                "low-priority threads, one per inference slot).")
     min_clip_seconds: float = Field(default=1.0, gt=0)
     max_clip_seconds: float = Field(default=60.0, gt=0)
     max_upload_bytes: int = Field(default=16 * 1024 * 1024, gt=0, description="Per uploaded file.")
@@ -117,6 +131,19 @@ class Settings(BaseSettings):
         if self.min_clip_seconds >= self.max_clip_seconds:
             raise ValueError("min_clip_seconds must be below max_clip_seconds")
         return self
+
+    @property
+    def resolved_registry(self) -> Path | None:
+        """The registry served from; None when one bundle is served by path (``model_path``, which wins over a
+        registry: Compose sets one by default)."""
+        if self.model_path is not None:
+            return None
+        return self.registry if self.registry is not None else self.data_dir / "models"
+
+    @property
+    def seed_bundle(self) -> Path:
+        """The bundle an empty registry is seeded with on the service's first start: the bundled model."""
+        return default_bundle_path()
 
     @property
     def resolved_database_url(self) -> str:

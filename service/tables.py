@@ -1,8 +1,13 @@
 """The database schema (SQLAlchemy 2). Created and changed only by Alembic migrations.
 
 The database is the truth: scenes, their clips (the audio itself lives content-addressed in the clip
-store), and embeddings and prototypes per model version, so a model change can re-embed from audio;
-and the API keys (hashed).
+store), and embeddings and prototypes per model, so a model change can re-embed from audio; the models
+served (which one the service has fully switched to); and the API keys (hashed).
+
+Embeddings and prototypes are keyed by the model's identity, ``<model_version>@<fingerprint16>``
+(``sceneprint.manifest.model_key``), in their ``model_version`` columns: two bundles of one version
+string but different weights never share vectors. Rows written before keys existed hold the bare
+version string; no running model has that key, so they are re-embedded and then pruned.
 """
 
 from __future__ import annotations
@@ -71,6 +76,19 @@ class Prototype(Base):
     # Mean leave-one-out similarity of the scene's clips under this model (None for a single clip).
     cohesion: Mapped[float | None] = mapped_column(Float, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+
+
+class ServedModel(Base):
+    """A model (by key) the service has embedded for; ``activated_at``: when it last went live, fully embedded."""
+
+    __tablename__ = "served_models"
+
+    key: Mapped[str] = mapped_column(String(128), primary_key=True)
+    model_version: Mapped[str] = mapped_column(String(128), nullable=False)
+    # The registry version it was loaded from (None: a bundle given by path, outside a registry).
+    registry_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
+    activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
 
 
 class ApiKey(Base):

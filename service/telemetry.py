@@ -22,9 +22,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from sceneprint.service.logs import REQUEST_ID, request_id_from
 from sceneprint.service.metrics import UNMATCHED_ROUTE, Metrics
+from sceneprint.service.scenes import MODEL_USED
 
 access_log = logging.getLogger("sceneprint.access")
 REQUEST_ID_HEADER = "X-Request-ID"
+# The model a response was computed with (its version, and its identity key): during a reload, requests
+# started before the switch finish on the old model, and say so.
+MODEL_VERSION_HEADER = "X-Model-Version"
+MODEL_KEY_HEADER = "X-Model-Key"
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
 MAX_LOGGED_PATH = 256  # characters of the raw path kept in the access event
 CONVERTER = re.compile(r"{([^}:]+):[^}]*}")  # "{name:path}" -> "{name}", as the OpenAPI document writes it
@@ -62,6 +67,9 @@ def _header(scope: Scope, name: bytes) -> str | None:
 
 
 def _model_version(scope: Scope) -> str | None:
+    used = MODEL_USED.get()
+    if used is not None:
+        return used.version
     scenes = getattr(getattr(scope.get("app"), "state", None), "scenes", None)
     return scenes.model.version if scenes is not None else None
 
@@ -79,6 +87,7 @@ class TelemetryMiddleware:
             return
         request_id = request_id_from(_header(scope, b"x-request-id"))
         token = REQUEST_ID.set(request_id)
+        model_token = MODEL_USED.set(None)  # the service sets it when the request takes a model
         started = time.perf_counter()
         status = 500  # what the client gets if the app fails before it answers
 
@@ -86,7 +95,12 @@ class TelemetryMiddleware:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                MutableHeaders(scope=message)[REQUEST_ID_HEADER] = request_id
+                headers = MutableHeaders(scope=message)
+                headers[REQUEST_ID_HEADER] = request_id
+                used = MODEL_USED.get()
+                if used is not None:
+                    headers[MODEL_VERSION_HEADER] = used.version
+                    headers[MODEL_KEY_HEADER] = used.key
             await send(message)
 
         try:
@@ -96,6 +110,7 @@ class TelemetryMiddleware:
             route = route_template(scope)
             self.metrics.observe_request(method=scope["method"], route=route, status=status, seconds=seconds)
             self._log(scope, route, status, seconds)
+            MODEL_USED.reset(model_token)
             REQUEST_ID.reset(token)
 
     @staticmethod

@@ -160,14 +160,54 @@ def calibrate(
                f"{c.min_cohesion:.3f} cohesion are refused; rule {c.rule} (slope {c.slope:g})")
 
 
+def retrain(
+    config: ConfigFile,
+    overrides: Overrides = None,
+    registry: Annotated[Path, typer.Option(help="The model registry to publish to (a service serving from it "
+                                                "reloads the new version itself).")] = Path("data/models"),
+    min_accuracy: Annotated[float | None, typer.Option(min=0.0, max=1.0, help="Publish only when the held-out "
+                                                                              "5-way 5-shot accuracy reaches "
+                                                                              "this.")] = None,
+    version: Annotated[str | None, typer.Option(help="The registry version's name (default: the next v<N>).")]
+    = None,
+    out: Annotated[Path | None, typer.Option(help="The job's run folder (resumable; default: "
+                                                  "runs/retrain-<config name>).")] = None,
+    teacher_config: Annotated[Path | None, typer.Option(help="Train the teacher stage first, from this teacher "
+                                                             "config, and distil from it.")] = None,
+    extra_classes: Annotated[Path | None, typer.Option(help="Add the classes of this meta.csv folder (e.g. "
+                                                            "`sceneprint scenes export`) as training classes. "
+                                                            "Off by default.")] = None,
+    json_out: Annotated[Path | None, typer.Option("--json", help="Also write the job's summary here.")] = None,
+) -> None:
+    """Retrain the encoder (teacher where asked, student), evaluate it, and publish it to the registry when its
+    held-out accuracy passes --min-accuracy (exit 1 when it does not). Safe while the service serves."""
+    from sceneprint.training.retrain import retrain as run
+    from sceneprint.training.student import StudentConfig
+    from sceneprint.training.teacher import TeacherConfig
+
+    cfg = _load_config(StudentConfig, config, overrides)
+    teacher = _load_config(TeacherConfig, teacher_config, []) if teacher_config is not None else None
+    summary = run(cfg, registry=registry, out_dir=out or Path("runs") / f"retrain-{config.stem}",
+                  min_accuracy=min_accuracy, version=version, teacher=teacher, extra_classes=extra_classes)
+    shown = {k: v for k, v in summary.items() if k != "config"}
+    typer.echo(json.dumps(shown, indent=2))
+    if json_out is not None:
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    if not summary["published"]:
+        typer.echo(f"not published: {summary['reason']}", err=True)
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``train teacher``, ``train student``, ``evaluate``, ``teacher-bundle``, ``bundle add-onnx`` and
-    ``bundle calibrate`` to the CLI."""
+    """Add ``train teacher``, ``train student``, ``retrain``, ``evaluate``, ``teacher-bundle``, ``bundle add-onnx``
+    and ``bundle calibrate`` to the CLI."""
     train_app = typer.Typer(help="Training stages (needs the 'train' extra: torch, and 'teacher' for YAMNet).",
                             no_args_is_help=True)
     train_app.command("teacher")(train_teacher)
     train_app.command("student")(train_student)
     app.add_typer(train_app, name="train")
+    app.command()(retrain)
     app.command()(evaluate)
     app.command("teacher-bundle")(teacher_bundle)
     bundle_app = typer.Typer(help="Encoder bundles.", no_args_is_help=True)

@@ -32,8 +32,10 @@ async def readyz(request: Request) -> Any:
     keys: KeyRing | None = getattr(request.app.state, "keys", None)
     if scenes is None or keys is None:
         return JSONResponse(status_code=503, content=Readiness(status="loading").model_dump())
-    return Readiness(status="ready", access="open" if keys.open else "keys", model_version=scenes.model.version,
-                     scenes_indexed=len(scenes.index), unknown_threshold=scenes.unknown_threshold)
+    active = scenes.active  # one reference: model, index and threshold of one moment
+    return Readiness(status="ready", access="open" if keys.open else "keys", model_version=active.model.version,
+                     model_key=active.model.key, scenes_indexed=len(active.index),
+                     unknown_threshold=active.decisions.unknown_threshold)
 
 
 @router.get("/model", dependencies=[CLASSIFY], responses=problems(401, 403))

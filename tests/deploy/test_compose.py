@@ -69,7 +69,8 @@ def test_the_service_waits_for_its_migration_and_is_health_checked(tmp_path: Pat
     assert service["healthcheck"]["test"] == ["CMD", "python", "/opt/sceneprint/healthcheck.py"]
     assert [(p["target"], p["published"]) for p in service["ports"]] == [(8000, "8000")]
     mounts = {v["target"]: (v["source"], v.get("read_only", False)) for v in service["volumes"]}
-    assert mounts == {"/data": ("data", False), "/models": ("models", True)}
+    assert mounts == {"/data": ("data", False), "/models": ("models", False)}  # the registry, seeded on first start
+    assert service["environment"]["SCENEPRINT_REGISTRY"] == "/models"
     for container in (service, migrate):
         assert container["read_only"] is True and any(t.startswith("/tmp") for t in container["tmpfs"])
         assert container["cap_drop"] == ["ALL"] and container["image"] == "sceneprint:latest"
@@ -117,7 +118,7 @@ def test_the_scale_profile_runs_replicas_on_postgres_behind_the_proxy(tmp_path: 
 def test_the_trainer_profile_retrains_into_the_models_volume_the_service_reads(tmp_path: Path) -> None:
     services = config(tmp_path, "trainer")["services"]
     trainer = services["trainer"]
-    # `sceneprint retrain CONFIG --registry DIR` is issue 15's retraining job, built separately.
+    # `sceneprint retrain CONFIG --registry DIR` publishes to the registry that the service follows.
     assert trainer["command"] == ["retrain", "training/configs/student-default.json", "--registry", "/models"]
     assert trainer["build"]["dockerfile"] == "docker/trainer.Dockerfile"
     assert trainer["build"]["args"]["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"

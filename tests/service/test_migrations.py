@@ -18,8 +18,9 @@ def test_migrations_build_the_schema_from_an_empty_database(tmp_path: Path) -> N
     url = f"sqlite:///{tmp_path / 'empty.db'}"
     upgrade(url)
     tables = set(inspect(create_engine(url)).get_table_names())
-    assert {"scenes", "clips", "clip_embeddings", "prototypes", "api_keys", "alembic_version"} <= tables
-    assert current_revision(url) == "0003"
+    assert {"scenes", "clips", "clip_embeddings", "prototypes", "api_keys", "served_models",
+            "alembic_version"} <= tables
+    assert current_revision(url) == "0004"
 
 
 def test_the_migrated_schema_matches_the_orm_models(tmp_path: Path) -> None:
@@ -38,11 +39,11 @@ def test_migrations_downgrade_to_empty_and_upgrade_again(tmp_path: Path) -> None
     command.downgrade(alembic_config(url), "base")
     assert set(inspect(create_engine(url)).get_table_names()) == {"alembic_version"}
     upgrade(url)
-    assert current_revision(url) == "0003"
+    assert current_revision(url) == "0004"
 
 
 def test_cli_migrate_creates_the_database_in_the_data_dir(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["migrate", "--data-dir", str(tmp_path / "data")])
     assert result.exit_code == 0, result.output
-    assert "revision 0003" in result.output
+    assert "revision 0004" in result.output
     assert (tmp_path / "data" / "sceneprint.db").is_file()
