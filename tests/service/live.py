@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 
@@ -92,3 +95,24 @@ def post_head(path: str, body_len: int | None, boundary: str = "sceneprintbounda
 def get(sock: socket.socket, path: str, extra: str = "") -> tuple[int, dict, dict[str, str]]:
     sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}\r\n".encode())
     return read_response(sock)
+
+
+def serve_process(data_dir: object, port: int, *args: str, **env: str) -> subprocess.Popen[bytes]:
+    """``sceneprint serve`` in a child process on ``port`` with ``args`` (e.g. ``--model B``), once ready."""
+    import httpx2
+
+    environment = {**os.environ, "SCENEPRINT_MIN_CLIP_SECONDS": "0.5", **env}
+    proc = subprocess.Popen([sys.executable, "-m", "sceneprint.cli", "serve", "--port", str(port), "--data-dir",
+                             str(data_dir), *args, "--log-level", "warning"], env=environment)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            if httpx2.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                return proc
+        except httpx2.HTTPError:
+            pass
+        if proc.poll() is not None:
+            raise RuntimeError("server exited during start-up")
+        time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("server did not become ready")

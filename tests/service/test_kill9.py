@@ -6,7 +6,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -14,6 +13,7 @@ from pathlib import Path
 import httpx2
 
 from tests.conftest import clip_files
+from tests.service.live import serve_process
 
 
 def free_port() -> int:
@@ -23,21 +23,7 @@ def free_port() -> int:
 
 
 def start(data_dir: Path, bundle: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "SCENEPRINT_MIN_CLIP_SECONDS": "0.5"}
-    proc = subprocess.Popen([sys.executable, "-m", "sceneprint.cli", "serve", "--port", str(port), "--data-dir",
-                             str(data_dir), "--model", str(bundle), "--log-level", "warning"], env=env)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx2.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx2.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError("server exited during start-up")
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
+    return serve_process(data_dir, port, "--model", str(bundle))
 
 
 def test_kill_9_during_enrollments_leaves_whole_scenes_only(tmp_path: Path, tiny_bundle: Path) -> None:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -22,7 +21,7 @@ from sceneprint.service.settings import Settings
 from sceneprint.service.tables import Clip, ClipEmbedding, Prototype, Scene
 from tests import audio_factory as af
 from tests.conftest import clip_files, make_bundle
-from tests.service.live import LiveServer
+from tests.service.live import LiveServer, serve_process
 from tests.service.test_kill9 import free_port
 
 KINDS = ("hum", "birds", "clicks")
@@ -101,21 +100,7 @@ def test_classify_clients_see_no_failed_request_across_a_reload(tmp_path: Path, 
 
 
 def serve(data_dir: Path, registry: Path, port: int, **env: str) -> subprocess.Popen[bytes]:
-    environment = {**os.environ, "SCENEPRINT_MIN_CLIP_SECONDS": "0.5", **env}
-    proc = subprocess.Popen([sys.executable, "-m", "sceneprint.cli", "serve", "--port", str(port), "--data-dir",
-                             str(data_dir), "--registry", str(registry), "--log-level", "warning"], env=environment)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if httpx2.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                return proc
-        except httpx2.HTTPError:
-            pass
-        if proc.poll() is not None:
-            raise RuntimeError("server exited during start-up")
-        time.sleep(0.05)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
+    return serve_process(data_dir, port, "--registry", str(registry), **env)
 
 
 def test_kill_9_during_reembedding_then_restart_resumes_and_everything_agrees(tmp_path: Path, tiny_bundle: Path,
