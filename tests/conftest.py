@@ -99,3 +99,14 @@ def postgres_url(postgres_admin_url: str, request: pytest.FixtureRequest) -> str
 
     name = "t_" + "".join(ch if ch.isalnum() else "_" for ch in request.node.name.lower())[:50]
     return fresh_database(postgres_admin_url, name)
+
+
+@pytest.fixture(scope="session")
+def dev_root() -> Path:
+    """The real recordings of sceneprint-dev, read in place; tests that need them skip, saying why, without."""
+    from sceneprint.training.data import dev_data_root
+
+    try:
+        return dev_data_root()
+    except FileNotFoundError:
+        pytest.skip("sceneprint-dev not found: set SCENEPRINT_DEV_DATA to ../shared/data/sceneprint-dev")

@@ -121,15 +121,12 @@ def test_port_agrees_with_the_onnx_graph_on_the_same_patches(onnx_session) -> No
         assert np.corrcoef(a, b)[0, 1] > 0.95
 
 
-def test_port_names_the_same_leading_class_as_the_onnx_graph_on_real_recordings(onnx_session) -> None:  # type: ignore[no-untyped-def]
+def test_port_names_the_same_leading_class_as_the_onnx_graph_on_real_recordings(onnx_session, dev_root) -> None:  # type: ignore[no-untyped-def]
     """Generated sounds resemble no AudioSet class, so near-ties make their top class fragile; real ones do not."""
     from sceneprint.audio import ClipLimits, decode_clip
-    from sceneprint.training.data import dev_data_root, load_meta
+    from sceneprint.training.data import load_meta
 
-    try:
-        root = dev_data_root()
-    except FileNotFoundError:
-        pytest.skip("sceneprint-dev not found: set SCENEPRINT_DEV_DATA to ../shared/data/sceneprint-dev")
+    root = dev_root
     model, fe = pretrained_yamnet(), YAMNetFrontend(CFG)
     for clip in load_meta(root)[::200][:6]:  # six classes from across the set
         wav = decode_clip((root / clip.filename).read_bytes(), sample_rate=16_000, limits=ClipLimits(0.1, 60)).waveform

@@ -16,7 +16,7 @@ from sceneprint.bundle import default_bundle_path, load_bundle, read_manifest
 from sceneprint.export import add_onnx
 from sceneprint.prototypes import prototype
 from sceneprint.runtime import load_onnx_encoder
-from sceneprint.training.data import decode_file, dev_data_root, load_meta, load_split
+from sceneprint.training.data import decode_file, load_meta, load_split
 from sceneprint.training.fewshot import sample_episode
 
 EPISODES = 200
@@ -24,11 +24,8 @@ SEED = 0
 
 
 @pytest.fixture(scope="module")
-def root() -> Path:
-    try:
-        return dev_data_root()
-    except FileNotFoundError:
-        pytest.skip("sceneprint-dev not found: set SCENEPRINT_DEV_DATA to ../shared/data/sceneprint-dev")
+def root(dev_root: Path) -> Path:
+    return dev_root
 
 
 @pytest.fixture(scope="module")

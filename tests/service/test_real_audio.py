@@ -13,18 +13,15 @@ from pathlib import Path
 import pytest
 
 from sceneprint.service.settings import default_bundle_path
-from sceneprint.training.data import dev_data_root, load_meta, load_split
+from sceneprint.training.data import load_meta, load_split
 from tests.conftest import ClientFactory
 
 SCENES = ["crickets", "airplane", "washing_machine", "siren", "keyboard_typing"]
 
 
 @pytest.fixture(scope="module")
-def root() -> Path:
-    try:
-        return dev_data_root()
-    except FileNotFoundError:
-        pytest.skip("sceneprint-dev not found: set SCENEPRINT_DEV_DATA to ../shared/data/sceneprint-dev")
+def root(dev_root: Path) -> Path:
+    return dev_root
 
 
 def test_enroll_unseen_scenes_and_classify_other_recordings(root: Path, client_factory: ClientFactory) -> None:

@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 import soundfile as sf
 
-from sceneprint.training.data import dev_data_root
 from sceneprint.training.datasets import (
     DatasetFormatError,
     LabelledClip,
@@ -246,11 +245,8 @@ def test_split_by_recording_keeps_a_single_recording_class_in_train_and_rejects_
             split_by_recording(clips, fraction, seed=0)
 
 
-def test_the_sceneprint_dev_meta_reads_with_auto_detection() -> None:
-    try:
-        root = dev_data_root()
-    except FileNotFoundError:
-        pytest.skip("sceneprint-dev not found: set SCENEPRINT_DEV_DATA to ../shared/data/sceneprint-dev")
+def test_the_sceneprint_dev_meta_reads_with_auto_detection(dev_root: Path) -> None:
+    root = dev_root
     clips = read_dataset(root)
     assert detect_layout(root) == "meta"
     assert len(clips) == 1600

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from sceneprint.training.data import dev_data_root, load_meta, load_split
+from sceneprint.training.data import load_meta, load_split
 
 
 @pytest.fixture(scope="module")
-def root():  # type: ignore[no-untyped-def]
-    try:
-        return dev_data_root()
-    except FileNotFoundError:
-        pytest.skip("sceneprint-dev not found: set SCENEPRINT_DEV_DATA to ../shared/data/sceneprint-dev")
+def root(dev_root: Path) -> Path:
+    return dev_root
 
 
 def test_split_is_recording_disjoint_and_covers_the_classes(root) -> None:  # type: ignore[no-untyped-def]
