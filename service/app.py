@@ -43,6 +43,7 @@ from sceneprint.service.routes import admin, classify, health, keys, metrics, sc
 from sceneprint.service.scenes import DecisionPolicy, LoadedModel, Quotas, SceneService
 from sceneprint.service.schemas import Problem
 from sceneprint.service.settings import Settings
+from sceneprint.service.sync import ChangeFeed, ReplicaSync
 from sceneprint.service.telemetry import TelemetryMiddleware
 
 log = logging.getLogger("sceneprint.service")
@@ -51,8 +52,10 @@ DEFAULT_UNKNOWN_THRESHOLD = 0.5
 FORMAT_1_THRESHOLD_REPORT = "heldout_open_set_5way_5shot"
 
 
-def build_scene_service(settings: Settings, metrics: Metrics | None = None) -> tuple[SceneService, KeyRing, Engine]:
-    """Migrate the database, load the bundle and the API keys, and bring the index in line with the database.
+def build_scene_service(settings: Settings, metrics: Metrics | None = None
+                        ) -> tuple[SceneService, KeyRing, Engine, ChangeFeed]:
+    """Migrate the database, load the bundle and the API keys, and bring the index in line with the database; the
+    change feed that keeps it there (started before the index was read, so no change is missed).
 
     Args:
         settings: The service's settings.
@@ -77,9 +80,11 @@ def build_scene_service(settings: Settings, metrics: Metrics | None = None) -> t
         inference_slots=settings.inference_slots,
         reembed_batch_clips=settings.reload_batch_clips,
     )
+    feed = ChangeFeed(sessions)
+    feed.start()
     report = service.start()
     log.info("model %s loaded, unknown threshold %.3f; %s", model.key, service.unknown_threshold, report)
-    return service, KeyRing(sessions), engine
+    return service, KeyRing(sessions), engine, feed
 
 
 def load_served_model(settings: Settings, sessions: sessionmaker[Session]) -> LoadedModel:
@@ -181,10 +186,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.scenes, app.state.keys, engine = await run_in_threadpool(
+        app.state.scenes, app.state.keys, engine, feed = await run_in_threadpool(
             partial(build_scene_service, settings, app.state.metrics))
         release_free_memory()  # what start-up freed goes back to the OS: the idle server's memory
-        tasks = [asyncio.create_task(_refresh_keys(app.state.keys, settings.key_refresh_s))]
+        app.state.sync = ReplicaSync(app.state.scenes, feed, engine, settings.sync_poll_s)
+        tasks = [asyncio.create_task(_refresh_keys(app.state.keys, settings.key_refresh_s)),
+                 asyncio.create_task(app.state.sync.run())]
         reloader = None
         root = settings.resolved_registry
         if root is not None:
@@ -220,6 +227,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.scenes = None
     app.state.keys = None
     app.state.reloader = None
+    app.state.sync = None
     app.state.metrics = Metrics()
     app.state.metrics.watch(lambda: app.state.scenes, settings.inference_slots)
     app.add_middleware(BodyLimitMiddleware, limit=route_body_limit(settings),

@@ -9,7 +9,10 @@ catch-up, builds the new index and swaps model, index and decision policy as one
 old model serves everything; a request in flight finishes on the model it started with.
 
 One reload at a time (a request during one is answered with its progress; a pointer moved meanwhile is
-followed once it ends). The database records which model the service has fully switched to: a restart
+followed once it ends). Replicas on one database each follow the registry (a shared models volume), but the
+re-embedding is done once: the replica holding the database lease ``reembed:<model key>`` does it while the
+others wait (state ``waiting``), then each catches up with what is left and switches on its own.
+The database records which model the service has fully switched to: a restart
 serves that one and resumes the pending reload, keeping the embeddings already made.
 """
 
@@ -29,17 +32,19 @@ from starlette.concurrency import run_in_threadpool
 from sceneprint.manifest import Manifest
 from sceneprint.registry import Pointer, Registry, RegistryError, verify_bundle
 from sceneprint.runtime import SessionConfig
-from sceneprint.service.scenes import DecisionPolicy, LoadedModel, ReembedProgress, SceneService
+from sceneprint.service.scenes import DecisionPolicy, LoadedModel, PrototypesIncomplete, ReembedProgress, SceneService
+from sceneprint.service.sync import lease
 
 if TYPE_CHECKING:
     from sceneprint.service.metrics import Metrics
 
 log = logging.getLogger("sceneprint.service.reload")
-ReloadState = Literal["idle", "loading", "reembedding", "catching_up", "switching", "done", "failed"]
+ReloadState = Literal["idle", "loading", "waiting", "reembedding", "catching_up", "switching", "done", "failed"]
 # Catch-up passes without the write gate before the last one under it; a pass that embeds this few clips
 # is taken as quiet enough for the gate to be held only briefly.
 MAX_OPEN_PASSES = 5
 QUIET_PASS_CLIPS = 8
+SWITCH_ATTEMPTS = 5  # a switch that finds scenes written meanwhile through another replica catches up and tries again
 
 
 @dataclass(frozen=True)
@@ -173,16 +178,31 @@ class Reloader:
                                                                      session=self.session))
             model = LoadedModel(verified.encoder, verified.manifest, registry_version=pointer.version)
             decisions = self.policy(model.manifest)
-            self._status = replace(self._status, state="reembedding", target_key=model.key)
-            await self.service.catch_up(model, progress)
+            self._status = replace(self._status, target_key=model.key)
+
+            def waiting() -> None:
+                self._status = replace(self._status, state="waiting")
+
+            # Replicas share the database: one re-embeds the stored audio for the new model while the others wait
+            # for its lease, then find (nearly) everything embedded. One that dies midway frees the lease when it
+            # expires; the next resumes from what was written.
+            async with lease(self.service.sessions, f"reembed:{model.key}", waiting=waiting):
+                self._status = replace(self._status, state="reembedding")
+                await self.service.catch_up(model, progress)
             self._status = replace(self._status, state="catching_up")
             for _ in range(MAX_OPEN_PASSES):
                 if await self.service.catch_up(model, progress) <= QUIET_PASS_CLIPS:
                     break
             self._status = replace(self._status, state="switching")
             async with self.service.writes.exclusive():
-                await self.service.catch_up(model, progress)  # no write can interleave: nothing is missed
-                await self.service.switch(model, decisions)
+                for attempt in range(SWITCH_ATTEMPTS):
+                    await self.service.catch_up(model, progress)  # no write of this replica can interleave
+                    try:
+                        await self.service.switch(model, decisions)
+                        break
+                    except PrototypesIncomplete:  # ... but another replica's can
+                        if attempt == SWITCH_ATTEMPTS - 1:
+                            raise
         except asyncio.CancelledError:
             self._status = replace(self._status, state="failed", error="cancelled (the service stopped)",
                                    finished_at=datetime.now(UTC), seconds=round(time.perf_counter() - t0, 3))

@@ -6,17 +6,30 @@ violates them runs, so callers never see ``IntegrityError``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from datetime import UTC, datetime
+from collections.abc import Collection, Iterator
+from datetime import UTC, datetime, timedelta
 
 import numpy as np
-from sqlalchemy import and_, delete, func, insert, or_, select, update
+from sqlalchemy import and_, delete, func, insert, or_, select, text, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from sceneprint.service.errors import DuplicateClips, KeyExists, SceneExists
 from sceneprint.service.schemas import KeyPublic, ScenePublic
-from sceneprint.service.tables import ApiKey, Clip, ClipEmbedding, Prototype, Scene, ServedModel, utcnow
+from sceneprint.service.tables import (
+    ApiKey,
+    Clip,
+    ClipEmbedding,
+    Lease,
+    Prototype,
+    Scene,
+    SceneChange,
+    ServedModel,
+    utcnow,
+)
+
+# PostgreSQL's NOTIFY channel on which a committed scene change wakes every replica's change feed.
+CHANGES_CHANNEL = "sceneprint_scene_changes"
 
 
 def vector_bytes(vector: np.ndarray) -> bytes:
@@ -189,10 +202,14 @@ def count_all_clips(session: Session) -> int:
 # --- re-embedding for another model -------------------------------------------------------------
 
 
-def clips_missing_embedding(session: Session, *, model_version: str) -> list[tuple[int, int, str]]:
-    """(clip id, scene id, sha256) of every clip without an embedding under the model key ``model_version``,
-    by scene."""
-    return clips_missing_embedding_among(session, model_version=model_version, ids=None)
+def clips_missing_embedding(session: Session, *, model_version: str, scene_ids: Collection[int] | None = None
+                            ) -> list[tuple[int, int, str]]:
+    """(clip id, scene id, sha256) of every clip (of the scenes ``scene_ids``, where given) without an embedding
+    under the model key ``model_version``, by scene."""
+    if scene_ids is None:
+        return clips_missing_embedding_among(session, model_version=model_version, ids=None)
+    clip_ids = list(session.scalars(select(Clip.id).where(Clip.scene_id.in_(list(scene_ids)))).all())
+    return clips_missing_embedding_among(session, model_version=model_version, ids=clip_ids)
 
 
 def clips_missing_embedding_among(session: Session, *, model_version: str, ids: list[int] | None
@@ -213,15 +230,18 @@ def insert_clip_embeddings(session: Session, *, model_version: str, rows: list[t
                                                  "vector": vector_bytes(vec)} for clip_id, vec in rows])
 
 
-def scenes_needing_prototype(session: Session, *, model_version: str) -> list[int]:
-    """Ids of scenes whose prototype under ``model_version`` is missing or made from another number of clips than
-    they hold (clips were added while another model served)."""
+def scenes_needing_prototype(session: Session, *, model_version: str, scene_ids: Collection[int] | None = None
+                             ) -> list[int]:
+    """Ids of scenes (among ``scene_ids``, where given) whose prototype under ``model_version`` is missing or made
+    from another number of clips than they hold (clips were added while another model served)."""
     clip_count = select(func.count(Clip.id)).where(Clip.scene_id == Scene.id).scalar_subquery()
     query = (select(Scene.id)
              .join(Prototype, (Prototype.scene_id == Scene.id) & (Prototype.model_version == model_version),
                    isouter=True)
              .where(or_(Prototype.scene_id.is_(None), and_(clip_count > 0, Prototype.n_clips != clip_count)))
              .order_by(Scene.id))
+    if scene_ids is not None:
+        query = query.where(Scene.id.in_(list(scene_ids)))
     return list(session.scalars(query).all())
 
 
@@ -331,3 +351,77 @@ def active_keys(session: Session) -> list[tuple[str, str, str, str]]:
 def key_public(row: ApiKey) -> KeyPublic:
     return KeyPublic(name=row.name, scope=row.scope, created_at=as_utc(row.created_at),
                      revoked_at=as_utc(row.revoked_at) if row.revoked_at is not None else None)
+
+
+# --- replicas: the scene change log and leases --------------------------------------------------
+
+
+def note_scene_change(session: Session, *, scene_id: int) -> None:
+    """Log that ``scene_id`` changed, in the caller's transaction (call it last before the commit). On
+    PostgreSQL, also NOTIFY the replicas: the notification is delivered when, and only if, the commit succeeds."""
+    session.add(SceneChange(scene_id=scene_id, created_at=utcnow()))
+    session.flush()
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(text("SELECT pg_notify(:channel, :payload)"),
+                        {"channel": CHANGES_CHANNEL, "payload": str(scene_id)})
+
+
+def last_scene_change(session: Session) -> int:
+    """The highest change id logged (0: none)."""
+    return int(session.scalar(select(func.max(SceneChange.id))) or 0)
+
+
+def scene_changes(session: Session, *, after: int, also: Collection[int] = (), limit: int = 10_000
+                  ) -> list[tuple[int, int]]:
+    """(change id, scene id) of the changes past ``after`` and of the ids ``also``, by id."""
+    cond = SceneChange.id > after
+    if also:
+        cond = or_(cond, SceneChange.id.in_(list(also)))
+    return [(cid, sid) for cid, sid in session.execute(
+        select(SceneChange.id, SceneChange.scene_id).where(cond).order_by(SceneChange.id).limit(limit)).all()]
+
+
+def prune_scene_changes(session: Session, *, older_than: timedelta) -> int:
+    """Delete changes logged more than ``older_than`` ago; how many."""
+    result = session.execute(delete(SceneChange).where(SceneChange.created_at < utcnow() - older_than))
+    return int(getattr(result, "rowcount", 0) or 0)
+
+
+def index_entries(session: Session, *, model_version: str, scene_ids: Collection[int]
+                  ) -> list[tuple[int, str, np.ndarray, float | None, float | None]]:
+    """(scene id, name, prototype, hand-set threshold, cohesion) under ``model_version`` of those of ``scene_ids``
+    that exist and have a prototype under it."""
+    rows = session.execute(
+        select(Scene.id, Scene.name, Prototype.vector, Scene.threshold, Prototype.cohesion)
+        .join(Prototype, Prototype.scene_id == Scene.id)
+        .where(Prototype.model_version == model_version, Scene.id.in_(list(scene_ids)))).all()
+    return [(sid, name, bytes_vector(vec), threshold, cohesion) for sid, name, vec, threshold, cohesion in rows]
+
+
+def take_lease(session: Session, *, name: str, owner: str, ttl: timedelta) -> bool:
+    """Take (or renew) the lease ``name`` for ``owner`` until now + ``ttl``, unless another owner holds it unexpired.
+
+    Commits. Returns whether ``owner`` holds it now.
+    """
+    now = utcnow()
+    taken = session.execute(update(Lease).where(Lease.name == name, or_(Lease.owner == owner, Lease.expires_at < now))
+                            .values(owner=owner, expires_at=now + ttl))
+    if int(getattr(taken, "rowcount", 0) or 0) == 1:
+        session.commit()
+        return True
+    if session.get(Lease, name) is not None:
+        session.rollback()
+        return False
+    session.add(Lease(name=name, owner=owner, expires_at=now + ttl))
+    try:
+        session.commit()
+        return True
+    except IntegrityError:  # another replica inserted it first
+        session.rollback()
+        return False
+
+
+def release_lease(session: Session, *, name: str, owner: str) -> None:
+    """Give the lease ``name`` up, if ``owner`` holds it. Commits."""
+    session.execute(delete(Lease).where(Lease.name == name, Lease.owner == owner))
+    session.commit()

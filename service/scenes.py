@@ -89,6 +89,11 @@ class ReembedFailed(RuntimeError):
     """Stored clips could not be embedded for another model (their audio is missing or unreadable)."""
 
 
+class PrototypesIncomplete(ReembedFailed):
+    """A switch found scenes without a prototype under the new model: written meanwhile through another replica
+    (the write gate holds this replica's writes only). Catch up and switch again."""
+
+
 def check_scene_name(name: str) -> str:
     """Return ``name`` if it is 1-64 characters of a-z, 0-9, '-', '_'; else raise InvalidSceneName."""
     if not SCENE_NAME.fullmatch(name):
@@ -263,6 +268,7 @@ class SceneService:
         self.inference_slots = inference_slots
         self.reembed_batch_clips = reembed_batch_clips
         self.writes = WriteGate()
+        self._syncing = asyncio.Lock()  # index syncs (other replicas' changes) and model switches, one at a time
         # Decode + embed run on a fixed pool, one thread per core by default: waiting requests queue in
         # order (FIFO) instead of time-slicing the cores. Each slot runs the shared ONNX Runtime session on
         # its own thread with the session's intra-op threads (``inference_threads``, 1 by default).
@@ -359,6 +365,7 @@ class SceneService:
             with self._session() as session:
                 scene = self._get(session, name)
                 repo.set_scene_threshold(session, scene=scene, threshold=threshold)
+                repo.note_scene_change(session, scene_id=scene.id)
                 session.commit()
                 scene_id = scene.id
             self._refresh_threshold(active, scene_id)
@@ -412,7 +419,8 @@ class SceneService:
 
     # --- model changes --------------------------------------------------------------------------
 
-    async def catch_up(self, model: LoadedModel, progress: ReembedProgress | None = None) -> int:
+    async def catch_up(self, model: LoadedModel, progress: ReembedProgress | None = None,
+                       scene_ids: Sequence[int] | None = None) -> int:
         """Embed, from its kept audio, every stored clip without an embedding under ``model``'s key, and make every
         prototype that is missing or stale under it; return how many clips were embedded (``progress`` counts them
         as they are found, embedded and stored).
@@ -421,13 +429,13 @@ class SceneService:
         per inference slot, at most one job each at a time: an idle service re-embeds on every core, and a
         classify request never waits for re-embedding, whose threads yield their cores to it.
         Safe beside concurrent writes (a clip deleted meanwhile is skipped, one added meanwhile is left for the
-        next call); calling it again resumes where it stopped.
+        next call); calling it again resumes where it stopped. ``scene_ids``: only those scenes' clips and prototypes.
 
         Raises:
             ReembedFailed: A stored clip's audio is missing or cannot be decoded.
         """
         progress = progress if progress is not None else ReembedProgress()
-        missing = await run_in_threadpool(self._missing_clips, model.key)
+        missing = await run_in_threadpool(self._missing_clips, model.key, scene_ids)
         progress.found += len(missing)
         size = self.reembed_batch_clips
         jobs = [missing[i : i + size] for i in range(0, len(missing), size)]
@@ -474,8 +482,33 @@ class SceneService:
         finally:
             for job in running:
                 job.cancel()
-        await run_in_threadpool(self._make_prototypes, model.key)
+        await run_in_threadpool(self._make_prototypes, model.key, scene_ids)
         return embedded
+
+    async def sync_scenes(self, scene_ids: Sequence[int]) -> int:
+        """Bring the index in line with the database for ``scene_ids`` (changed, maybe by another replica): a scene
+        that exists gets its prototype and threshold from the database, one that is gone leaves the index.
+
+        A scene written by a replica that serves another model (one replica switched before the others) has no
+        prototype under this one's model yet: its clips are embedded here first, from the clip store. Idempotent;
+        returns how many scenes are in the index of those given.
+        """
+        async with self._syncing:
+            active = self.active
+            await self.catch_up(active.model, scene_ids=scene_ids)
+
+            def refresh() -> int:
+                with self._session() as session:
+                    rows = repo.index_entries(session, model_version=active.model.key, scene_ids=scene_ids)
+                present = set()
+                for scene_id, name, proto, hand_set, cohesion in rows:
+                    active.index.upsert(scene_id, name, proto, active.decisions.scene_threshold(hand_set, cohesion))
+                    present.add(scene_id)
+                for scene_id in set(scene_ids) - present:
+                    active.index.remove(scene_id)
+                return len(present)
+
+            return await run_in_threadpool(refresh)
 
     async def switch(self, model: LoadedModel, decisions: DecisionPolicy) -> None:
         """Make ``model`` (with ``decisions``) the one that serves, once every scene has its prototype under it.
@@ -494,14 +527,15 @@ class SceneService:
                 incomplete = repo.scenes_needing_prototype(session, model_version=model.key)
                 session.commit()
             if incomplete:
-                raise ReembedFailed(f"{len(incomplete)} scene(s) have no prototype under {model.key} yet")
+                raise PrototypesIncomplete(f"{len(incomplete)} scene(s) have no prototype under {model.key} yet")
             self._fill_index(active)
             with self._session() as session:
                 repo.activate_model(session, key=model.key)
                 session.commit()
 
-        await run_in_threadpool(build)
-        self.active = active
+        async with self._syncing:  # a scene synced meanwhile went to the old index: the new one is read after it
+            await run_in_threadpool(build)
+            self.active = active
 
     def prune(self, keep_models: int) -> tuple[int, int]:
         """Delete embeddings and prototypes of all but the ``keep_models`` models most recently live (and the one
@@ -512,9 +546,9 @@ class SceneService:
             session.commit()
         return deleted
 
-    def _missing_clips(self, key: str) -> list[tuple[int, int, str]]:
+    def _missing_clips(self, key: str, scene_ids: Sequence[int] | None = None) -> list[tuple[int, int, str]]:
         with self._session() as session:
-            return repo.clips_missing_embedding(session, model_version=key)
+            return repo.clips_missing_embedding(session, model_version=key, scene_ids=scene_ids)
 
     def _embed_stored(self, model: LoadedModel, clips: Sequence[tuple[int, int, str]]
                       ) -> list[tuple[int, np.ndarray | None]]:
@@ -556,11 +590,12 @@ class SceneService:
                     if attempt == WRITE_RETRIES - 1:
                         raise
 
-    def _make_prototypes(self, key: str) -> None:
-        """Make each prototype under ``key`` that is missing or older than its scene's clips, from the embeddings
-        under ``key``; scenes with clips still missing an embedding are left for the next catch-up."""
+    def _make_prototypes(self, key: str, scene_ids: Sequence[int] | None = None) -> None:
+        """Make each prototype under ``key`` (of ``scene_ids``, where given) that is missing or older than its scene's
+        clips, from the embeddings under ``key``; scenes with clips still missing an embedding are left for the next
+        catch-up."""
         with self._session() as session:
-            needing = repo.scenes_needing_prototype(session, model_version=key)
+            needing = repo.scenes_needing_prototype(session, model_version=key, scene_ids=scene_ids)
         for start in range(0, len(needing), WRITE_BATCH):
             chunk = needing[start : start + WRITE_BATCH]
             for attempt in range(WRITE_RETRIES):
@@ -617,6 +652,7 @@ class SceneService:
             self._insert_clips(session, scene, uploads, hashes, decoded, embeddings, model)
             repo.put_prototype(session, scene_id=scene.id, model_version=model.key, vector=proto,
                                n_clips=len(uploads), cohesion=quality.cohesion)
+            repo.note_scene_change(session, scene_id=scene.id)
             session.commit()
             scene_id = scene.id
         self._index_if_current(active, scene_id, name, proto, decisions.scene_threshold(None, quality.cohesion))
@@ -647,6 +683,7 @@ class SceneService:
             repo.put_prototype(session, scene_id=scene.id, model_version=model.key, vector=proto,
                                n_clips=len(all_embeddings), cohesion=cohesion)
             scene.forced = scene.forced or forced
+            repo.note_scene_change(session, scene_id=scene.id)
             session.commit()
             scene_id, hand_set = scene.id, scene.threshold
         self._index_if_current(active, scene_id, name, proto, decisions.scene_threshold(hand_set, cohesion))
@@ -722,6 +759,7 @@ class SceneService:
                 scene = self._get(session, name)
                 scene_id = scene.id
                 hashes = repo.delete_scene(session, scene=scene)
+                repo.note_scene_change(session, scene_id=scene_id)
                 session.commit()
             active.index.remove(scene_id)
             with self._session() as session:

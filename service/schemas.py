@@ -96,8 +96,9 @@ class Readiness(BaseModel):
 class ReloadPublic(BaseModel):
     """Where the last (or running) model reload stands, and what the service serves now."""
 
-    state: Literal["idle", "loading", "reembedding", "catching_up", "switching", "done", "failed"] = Field(
-        description="idle: none since start; loading: checking the new bundle; reembedding: embedding every stored "
+    state: Literal["idle", "loading", "waiting", "reembedding", "catching_up", "switching", "done", "failed"] = Field(
+        description="idle: none since start; loading: checking the new bundle; waiting: another replica on this "
+                    "database is re-embedding for the same model; reembedding: embedding every stored "
                     "clip from its audio; catching_up: embedding what was enrolled meanwhile; switching: the last "
                     "catch-up and the swap (writes wait briefly); done; failed: refused, the old model serves.")
     serving_version: str = Field(description="The model version serving now.")

@@ -44,6 +44,11 @@ class Settings(BaseSettings):
                                   "bundled model on first start.")
     registry_poll_s: float = Field(default=1.0, gt=0, le=3600,
                                    description="How often the registry's pointer is checked for a new version.")
+    sync_poll_s: float = Field(default=1.0, gt=0, le=3600,
+                               description="How often each replica reads the scene change log when no notification "
+                                           "wakes it (PostgreSQL's NOTIFY wakes it at once): the bound on how long "
+                                           "an enrollment or deletion made through another replica takes to reach "
+                                           "this one's classifications.")
     kept_models: int = Field(default=3, ge=1, description="Embeddings and prototypes of this many most recently "
                                                           "served models are kept (a rollback to one is immediate); "
                                                           "older ones are deleted.")

@@ -14,7 +14,18 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import Boolean, DateTime, Float, ForeignKey, Integer, LargeBinary, String, UniqueConstraint, false
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    false,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -89,6 +100,35 @@ class ServedModel(Base):
     registry_version: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False)
     activated_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True, index=True)
+
+
+# SQLite numbers only an INTEGER PRIMARY KEY from its row ids; PostgreSQL gets a 64-bit identity.
+ChangeId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class SceneChange(Base):
+    """The change log that keeps every replica's index in step with the database: one row per committed
+    enrollment, added clips, threshold change or deletion (written in the same transaction). Each replica reads
+    the rows past the last it saw (woken by PostgreSQL's NOTIFY, else by polling); rows older than an hour are
+    pruned (a replica down longer rebuilds its whole index at start anyway)."""
+
+    __tablename__ = "scene_changes"
+
+    id: Mapped[int] = mapped_column(ChangeId, primary_key=True, autoincrement=True)
+    # Not a foreign key: a deleted scene's change outlives it.
+    scene_id: Mapped[int] = mapped_column(Integer, nullable=False)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, nullable=False, index=True)
+
+
+class Lease(Base):
+    """A named lease that one replica holds at a time, until ``expires_at`` unless renewed: the replica that holds
+    ``reembed:<model key>`` re-embeds the stored audio for that model while the others wait for it."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(160), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(128), nullable=False)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), nullable=False)
 
 
 class ApiKey(Base):
