@@ -9,6 +9,7 @@ would otherwise drown the log.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import time
@@ -20,11 +21,13 @@ from starlette.datastructures import MutableHeaders
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from sceneprint.service.errors import PROBLEM_JSON, problem
 from sceneprint.service.logs import REQUEST_ID, request_id_from
 from sceneprint.service.metrics import UNMATCHED_ROUTE, Metrics
 from sceneprint.service.scenes import MODEL_USED
 
 access_log = logging.getLogger("sceneprint.access")
+error_log = logging.getLogger("sceneprint.service")
 REQUEST_ID_HEADER = "X-Request-ID"
 # The model a response was computed with (its version, and its identity key): during a reload, requests
 # started before the switch finish on the old model, and say so.
@@ -91,10 +94,12 @@ class TelemetryMiddleware:
         started = time.perf_counter()
         status = 500  # what the client gets if the app fails before it answers
 
+        started_response = False
+
         async def send_with_id(message: Message) -> None:
-            nonlocal status
+            nonlocal status, started_response
             if message["type"] == "http.response.start":
-                status = message["status"]
+                status, started_response = message["status"], True
                 headers = MutableHeaders(scope=message)
                 headers[REQUEST_ID_HEADER] = request_id
                 used = MODEL_USED.get()
@@ -105,6 +110,19 @@ class TelemetryMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception as exc:
+            # A bug: logged here, with its traceback and the request id, which the client gets in its header with
+            # a problem document that says nothing of the internals (unless the answer had already begun).
+            error_log.error("unhandled error on %s %s", scope["method"], scope["path"][:MAX_LOGGED_PATH], exc_info=exc)
+            if started_response:
+                raise
+            body = json.dumps(problem(500, "internal_error", "Internal error", "the service failed unexpectedly; "
+                                      "the error is logged with this request's id",
+                                      instance=scope["path"][:MAX_LOGGED_PATH])).encode()
+            await send_with_id({"type": "http.response.start", "status": 500,
+                                "headers": [(b"content-type", PROBLEM_JSON.encode()),
+                                            (b"content-length", str(len(body)).encode())]})
+            await send_with_id({"type": "http.response.body", "body": body})
         finally:
             seconds = time.perf_counter() - started
             route = route_template(scope)

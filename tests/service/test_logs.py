@@ -127,3 +127,19 @@ def test_a_host_programs_logging_is_left_alone_unless_forced(log_lines: io.Strin
     configure_logging("text", "debug", stream=Terminal())  # the root logger has a handler (the fixture's)
     logging.getLogger("sceneprint.service").warning("still JSON")
     assert events(log_lines)[-1]["message"] == "still JSON"
+
+
+def test_an_unexpected_error_is_a_logged_problem_with_the_request_id(client_factory: ClientFactory,
+                                                                    log_lines: io.StringIO,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    with client_factory() as client:
+        def broken(*args: object, **kwargs: object) -> None:
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr(client.app.state.scenes, "list_scenes", broken)  # type: ignore[attr-defined]
+        response = client.get("/scenes", headers={"X-Request-ID": "bug-1"})
+    assert response.status_code == 500 and response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == "internal_error" and "a bug" not in response.text  # no internals leak
+    logged = [e for e in events(log_lines, "sceneprint.service") if e["level"] == "ERROR"]
+    assert len(logged) == 1 and logged[0]["request_id"] == "bug-1"
+    assert "RuntimeError: a bug" in logged[0]["exception"]
