@@ -55,6 +55,10 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     **{f"embdistill-nomixstyle-{size}-s{seed}": (CONTRASTASC, [f"model=cpmobile_{size}", f"seed={seed}",
                                                               "loss.embed_weight=1.0", "augment.mixstyle_p=0"])
        for size in ("60k", "110k") for seed in (0, 1, 2)},
+    # ... and the paper's ContrastASC recipe itself without Freq-MixStyle.
+    **{f"contrastasc-nomixstyle-{size}-s{seed}": (CONTRASTASC, [f"model=cpmobile_{size}", f"seed={seed}",
+                                                               "augment.mixstyle_p=0"])
+       for size in ("60k", "110k") for seed in (0, 1, 2)},
 }
 EVALS = [("prototype", 5), ("logreg", 5), ("prototype", 10), ("logreg", 10)]
 
