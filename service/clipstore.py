@@ -2,7 +2,20 @@
 
 A clip lives at ``clips/<sha256[:2]>/<sha256>``; the client's file name is never part of a path.
 Writes go to a temporary file that is fsynced and renamed, so a crash leaves either the whole file
-or none. Files that no clip row references are removed by ``sweep`` (at start-up and after deletes).
+or none: two writers of the same content (two replicas) both rename a whole file over the target.
+
+Several replicas share one store (a shared volume), and one may remove a blob that no committed clip row
+references at the very moment another enrolls the same content. So removal and writing follow a protocol that
+never loses a referenced blob, with no lock across processes:
+
+- a remover first renames the blob aside (``.trash-*``), then reads the references again, in a transaction that
+  starts after the rename: referenced now, the blob is put back; else it is deleted (``discard``);
+- a writer stores (or touches) the blob, commits its clip rows, then checks that the blob is still there and
+  writes it again from the request's bytes if not (``ensure``).
+
+Either the writer's commit precedes the remover's second read (which then sees the reference and puts the blob
+back), or it follows it, and the writer's check, after its commit and so after the rename, finds the blob gone
+and writes it again. The lock below orders this process's own writers and removers.
 """
 
 from __future__ import annotations
@@ -11,8 +24,15 @@ import hashlib
 import os
 import tempfile
 import threading
-from collections.abc import Iterable
+import time
+import uuid
+from collections.abc import Callable, Collection
 from pathlib import Path
+
+# Temporary files older than this are left-overs of a crashed write (a live write finishes in seconds); younger
+# ones may be another replica's write in progress, and are left alone.
+STALE_TEMP_S = 3600.0
+References = Callable[[list[str]], set[str]]  # which of these hashes committed clip rows reference, read now
 
 
 def content_hash(data: bytes) -> str:
@@ -40,6 +60,18 @@ class ClipStore:
         target = self.path(sha256)
         if target.is_file() and target.stat().st_size == len(data):
             return
+        self._write(target, data)
+
+    def ensure(self, data: bytes, sha256: str) -> bool:
+        """After the commit that references it: write the blob again if a remover took it meanwhile (see the
+        module's protocol); whether it had to."""
+        if self.exists(sha256):
+            return False
+        self.path(sha256).parent.mkdir(parents=True, exist_ok=True)
+        self._write(self.path(sha256), data)
+        return True
+
+    def _write(self, target: Path, data: bytes) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
         try:
@@ -52,8 +84,24 @@ class ClipStore:
             Path(tmp).unlink(missing_ok=True)
             raise
 
-    def read(self, sha256: str) -> bytes:
-        return self.path(sha256).read_bytes()
+    def read(self, sha256: str, wait_s: float = 5.0) -> bytes:
+        """The blob's bytes. One that a remover has set aside (its second read under way) is waited for, up to
+        ``wait_s``: it comes back if referenced.
+
+        Raises:
+            FileNotFoundError: There is no such blob.
+        """
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                return self.path(sha256).read_bytes()
+            except FileNotFoundError:
+                if time.monotonic() > deadline or not self._aside(sha256):
+                    raise
+            time.sleep(0.01)
+
+    def _aside(self, sha256: str) -> bool:
+        return any(self.path(sha256).parent.glob(f".trash-{sha256}-*"))
 
     def exists(self, sha256: str) -> bool:
         return self.path(sha256).is_file()
@@ -63,15 +111,46 @@ class ClipStore:
             return set()
         return {p.name for p in self.root.glob("??/*") if not p.name.startswith(".")}
 
-    def remove(self, hashes: Iterable[str]) -> None:
+    def discard(self, hashes: Collection[str], references: References) -> int:
+        """Remove the blobs ``hashes`` that no committed clip row references, safely beside writers in other
+        processes (the module's protocol); return how many went."""
+        aside: dict[str, Path] = {}
         for sha in hashes:
-            self.path(sha).unlink(missing_ok=True)
+            trash = self.path(sha).with_name(f".trash-{sha}-{uuid.uuid4().hex[:8]}")
+            try:
+                os.rename(self.path(sha), trash)
+            except FileNotFoundError:
+                continue
+            aside[sha] = trash
+        if not aside:
+            return 0
+        try:
+            kept = references(list(aside))
+        except BaseException:
+            kept = set(aside)  # cannot tell: put every one back
+            raise
+        finally:
+            for sha, trash in aside.items():
+                if sha in kept and not self.exists(sha):
+                    os.replace(trash, self.path(sha))
+                else:
+                    trash.unlink(missing_ok=True)
+        return len(aside) - len(kept & set(aside))
 
-    def sweep(self, referenced: set[str]) -> int:
-        """Remove blobs not in ``referenced`` and stale temporary files; return how many blobs went."""
-        orphans = self.all_hashes() - referenced
-        self.remove(orphans)
+    def sweep(self, referenced: set[str], references: References) -> int:
+        """Remove blobs that no clip row references and stale temporary files; how many blobs went.
+
+        Args:
+            referenced: Every hash referenced, read before the store is listed (candidates are the others).
+            references: The second read, of the candidates, after they are set aside (``discard``).
+        """
+        gone = self.discard(self.all_hashes() - referenced, references)
         if self.root.is_dir():
-            for tmp in self.root.glob("??/.incoming-*"):
-                tmp.unlink(missing_ok=True)
-        return len(orphans)
+            now = time.time()
+            for tmp in [*self.root.glob("??/.incoming-*"), *self.root.glob("??/.trash-*")]:
+                try:
+                    if now - tmp.stat().st_mtime > STALE_TEMP_S:
+                        tmp.unlink(missing_ok=True)
+                except FileNotFoundError:
+                    pass
+        return gone

@@ -307,8 +307,10 @@ class SceneService:
             for scene_id in missing:
                 self._reembed(session, scene_id=scene_id, model=model)
             session.commit()
-        with self.store.lock, self._session() as session:
-            swept = self.store.sweep(repo.referenced_hashes(session))
+        with self.store.lock:
+            with self._session() as session:
+                referenced = repo.referenced_hashes(session)
+            swept = self.store.sweep(referenced, self._references)
         self.rebuild_index()
         with self._session() as session:
             repo.activate_model(session, key=model.key)
@@ -762,9 +764,12 @@ class SceneService:
                 repo.note_scene_change(session, scene_id=scene_id)
                 session.commit()
             active.index.remove(scene_id)
-            with self._session() as session:
-                still_used = repo.referenced_hashes(session, among=hashes)
-            self.store.remove(set(hashes) - still_used)
+            self.store.discard(set(hashes), self._references)
+
+    def _references(self, among: list[str]) -> set[str]:
+        """Which of ``among`` committed clip rows reference, read now (the clip store's second read)."""
+        with self._session() as session:
+            return repo.referenced_hashes(session, among=among)
 
     # --- internals ------------------------------------------------------------------------------
 
@@ -805,8 +810,10 @@ class SceneService:
     def _storing(self, uploads: Sequence[Upload], hashes: Sequence[str]) -> Iterator[None]:
         """Write the uploads' audio, then run the body (the database commit) under the store's lock.
 
-        If anything fails, the audio files this request created are removed again, so a refused
-        enrollment leaves nothing behind even before the start-up sweep.
+        If anything fails, the audio files this request created are removed again (unless a clip committed
+        meanwhile, through another replica, references the same content), so a refused enrollment leaves nothing
+        behind even before the start-up sweep. After the commit, each blob is checked to be there still: another
+        replica may have removed it just before (the clip store's protocol), and it is written again then.
         """
         with self.store.lock:
             created: list[str] = []
@@ -817,11 +824,16 @@ class SceneService:
                         created.append(sha)
                 yield
             except OSError as exc:
-                self.store.remove(created)
+                self.store.discard(created, self._references)
                 raise StorageUnavailable(f"the clip store cannot be written: {exc.strerror or 'I/O error'}") from exc
             except BaseException:
-                self.store.remove(created)
+                self.store.discard(created, self._references)
                 raise
+            try:  # committed: the blobs must be there
+                for u, sha in zip(uploads, hashes, strict=True):
+                    self.store.ensure(u.data, sha)
+            except OSError as exc:
+                raise StorageUnavailable(f"the clip store cannot be written: {exc.strerror or 'I/O error'}") from exc
 
     @staticmethod
     def _insert_clips(session: Session, scene: Scene, uploads: Sequence[Upload], hashes: Sequence[str],
