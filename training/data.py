@@ -114,9 +114,10 @@ def cached_features(root: Path, clips: list[ClipMeta], config: Any, compute: Cal
 
 
 def save_cache(path: Path, data: np.ndarray | dict[str, np.ndarray]) -> None:
-    """Write a cache file atomically (tmp + rename): an array as .npy, named arrays as .npz."""
+    """Write a cache file atomically (tmp + rename): an array as .npy, named arrays as .npz. The temporary name is
+    the process's own: two runs that fill one cache at once each rename a whole file over it."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp" + path.suffix)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp{path.suffix}")
     if isinstance(data, dict):
         np.savez(tmp, **data)  # type: ignore[arg-type]
     else:

@@ -29,13 +29,13 @@ VISIBLE_WITHIN_S = 10.0  # far above the bound (NOTIFY: tens of ms; polling: syn
 def replicas(data_dir: Path, *args: str, n: int = 2, **env: str) -> Iterator[list[str]]:
     """``n`` serve processes sharing ``data_dir`` (clip store) and the database in ``env``; their base URLs."""
     procs: list[subprocess.Popen[bytes]] = []
+    urls: list[str] = []
     try:
         for _ in range(n):
             port = free_port()
             procs.append(serve_process(data_dir, port, *args, **env))
-            yield_url = f"http://127.0.0.1:{port}"
-            procs[-1].url = yield_url  # type: ignore[attr-defined]
-        yield [p.url for p in procs]  # type: ignore[attr-defined]
+            urls.append(f"http://127.0.0.1:{port}")
+        yield urls
     finally:
         for p in procs:
             p.terminate()
@@ -107,22 +107,27 @@ def test_two_replica_processes_racing_for_one_name_give_one_201_and_one_409(tmp_
     with replicas(tmp_path / "data", "--model", str(tiny_bundle), **env) as urls:
         for attempt in range(5):
             name = f"race-{attempt}"
-            files = [clip_files("hum", seed=100 * attempt + 10 * i) for i in range(len(urls))]
-            statuses: list[int] = []
-            start = threading.Barrier(len(urls))
-
-            def enroll(url: str, f: list[Any]) -> None:
-                start.wait()
-                statuses.append(httpx2.post(f"{url}/scenes/{name}/enroll", files=f, timeout=60).status_code)
-
-            threads = [threading.Thread(target=enroll, args=(u, f)) for u, f in zip(urls, files, strict=True)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
+            statuses = race(urls, name, [clip_files("hum", seed=100 * attempt + 10 * i) for i in range(len(urls))])
             assert sorted(statuses) == [201, 409], statuses
             for url in urls:
                 assert httpx2.get(f"{url}/scenes/{name}", timeout=30).json()["clips"] == 5
+
+
+def race(urls: list[str], name: str, files: list[Any]) -> list[int]:
+    """Each replica is asked to enroll ``name`` (from its own clips) at the same moment; the statuses."""
+    statuses: list[int] = []
+    start = threading.Barrier(len(urls))
+
+    def enroll(url: str, f: list[Any]) -> None:
+        start.wait()
+        statuses.append(httpx2.post(f"{url}/scenes/{name}/enroll", files=f, timeout=60).status_code)
+
+    threads = [threading.Thread(target=enroll, args=(u, f)) for u, f in zip(urls, files, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return statuses
 
 
 def metric(url: str, name: str) -> float:
