@@ -69,6 +69,9 @@ class Metrics:
         self.reembedded_clips = Counter("sceneprint_reload_reembedded_clips",
                                         "Stored clips re-embedded from their audio by model reloads.",
                                         registry=self.registry)
+        self.synced_scenes = Counter("sceneprint_replica_synced_scenes",
+                                     "Scenes brought in line with the database's change log (enrolled, changed or "
+                                     "deleted, through this replica or another).", registry=self.registry)
         ProcessCollector(registry=self.registry)  # memory, CPU time, open file descriptors
 
     def observe_request(self, *, method: str, route: str, status: int, seconds: float) -> None:
@@ -139,6 +142,11 @@ class MeteredSceneService(SceneService):
     async def classify(self, *args: Any, **kwargs: Any) -> Classification:
         result = await super().classify(*args, **kwargs)
         self.metrics.classifications.labels(outcome="unknown" if result.decision.unknown else "named").inc()
+        return result
+
+    async def sync_scenes(self, *args: Any, **kwargs: Any) -> int:
+        result = await super().sync_scenes(*args, **kwargs)
+        self.metrics.synced_scenes.inc(len(args[0]) if args else len(kwargs["scene_ids"]))
         return result
 
     # SceneService re-embeds one scene at a time here, at start-up and after a model change; a test

@@ -99,6 +99,8 @@ def test_what_one_replica_writes_reaches_the_others_classifications(tmp_path: Pa
         assert httpx2.delete(f"{b}/scenes/kitchen", timeout=30).status_code == 204
         until(lambda: not in_index(a, "kitchen", "hum"))
         assert [s["name"] for s in httpx2.get(f"{a}/scenes", timeout=30).json()["scenes"]] == ["street"]
+        assert metric(a, "sceneprint_replica_synced_scenes_total") >= 5  # the other's four writes, and its own
+        assert metric(a, "sceneprint_index_scenes") == metric(b, "sceneprint_index_scenes") == 1
 
 
 def test_two_replica_processes_racing_for_one_name_give_one_201_and_one_409(tmp_path: Path, tiny_bundle: Path,
