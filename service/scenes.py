@@ -60,6 +60,7 @@ from sceneprint.service.errors import (
 )
 from sceneprint.service.index import SceneIndex, SceneThreshold
 from sceneprint.service.schemas import SCENE_NAME_PATTERN, ClipQuality, SceneDetail, ScenePublic, SceneQuality
+from sceneprint.service.sync import lease_blocking
 from sceneprint.service.tables import Scene
 
 T = TypeVar("T")
@@ -303,10 +304,15 @@ class SceneService:
         with self._session() as session:
             repo.record_model(session, key=model.key, model_version=model.version,
                               registry_version=model.registry_version)
-            missing = repo.scenes_needing_prototype(session, model_version=model.key)
-            for scene_id in missing:
-                self._reembed(session, scene_id=scene_id, model=model)
             session.commit()
+            missing = repo.scenes_needing_prototype(session, model_version=model.key)
+        if missing:
+            # Replicas started together on a new model: one embeds, the others then find the work done.
+            with lease_blocking(self.sessions, f"reembed:{model.key}"), self._session() as session:
+                missing = repo.scenes_needing_prototype(session, model_version=model.key)
+                for scene_id in missing:
+                    self._reembed(session, scene_id=scene_id, model=model)
+                session.commit()
         with self.store.lock:
             with self._session() as session:
                 referenced = repo.referenced_hashes(session)

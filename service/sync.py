@@ -23,7 +23,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from datetime import timedelta
 from typing import TYPE_CHECKING
@@ -89,6 +89,37 @@ async def lease(sessions: sessionmaker[Session], name: str, *, owner: str = REPL
 
         with contextlib.suppress(Exception):  # it expires anyway
             await run_in_threadpool(give_up)
+
+
+@contextlib.contextmanager
+def lease_blocking(sessions: sessionmaker[Session], name: str, *, owner: str = REPLICA_ID,
+                   ttl: timedelta = LEASE_TTL, wait_s: float = 1.0) -> Iterator[None]:
+    """``lease`` for code on a thread of its own (start-up): waits by sleeping, renews from a timer thread."""
+
+    def take() -> bool:
+        with sessions() as session:
+            return repo.take_lease(session, name=name, owner=owner, ttl=ttl)
+
+    while not take():
+        time.sleep(wait_s)
+    done = threading.Event()
+
+    def renew() -> None:
+        while not done.wait(ttl.total_seconds() / 3):
+            try:
+                take()
+            except Exception as exc:  # the next renewal may still be in time
+                log.warning("cannot renew lease %s (%s)", name, exc)
+
+    renewing = threading.Thread(target=renew, name="sceneprint-lease", daemon=True)
+    renewing.start()
+    try:
+        yield
+    finally:
+        done.set()
+        renewing.join()
+        with contextlib.suppress(Exception), sessions() as session:
+            repo.release_lease(session, name=name, owner=owner)
 
 
 class ChangeFeed:

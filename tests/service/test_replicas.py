@@ -157,3 +157,32 @@ def test_a_published_model_reaches_every_replica_and_is_embedded_once(tmp_path: 
         # 15 stored clips, re-embedded for the new model once between the two replicas, not once by each
         embedded = [metric(u, "sceneprint_reload_reembedded_clips_total") for u in (a, b)]
         assert sum(embedded) == 15 and sorted(embedded) == [0, 15], embedded
+
+
+def test_replicas_starting_together_on_a_new_model_embed_the_stored_scenes_once(tmp_path: Path, tiny_bundle: Path,
+                                                                                postgres_url: str) -> None:
+    env = {"SCENEPRINT_DATABASE_URL": postgres_url}
+    with replicas(tmp_path / "data", "--model", str(tiny_bundle), n=1, **env) as (a,):
+        for kind in ("hum", "birds", "clicks"):
+            assert httpx2.post(f"{a}/scenes/{kind}/enroll", files=clip_files(kind), timeout=60).status_code == 201
+    v2 = make_bundle(tmp_path / "v2", model_version="test-tiny-v2", seed=1)
+    ports = [free_port(), free_port()]
+    procs: list[subprocess.Popen[bytes]] = []
+    starting = [threading.Thread(target=lambda p=p: procs.append(serve_process(tmp_path / "data", p, "--model",
+                                                                               str(v2), **env)))
+                for p in ports]
+    try:
+        for t in starting:
+            t.start()
+        for t in starting:
+            t.join()
+        assert len(procs) == 2  # both started (neither failed on the other's rows)
+        urls = [f"http://127.0.0.1:{p}" for p in ports]
+        counts = [metric(u, "sceneprint_reembed_duration_seconds_count") for u in urls]
+        assert sorted(counts) == [0, 3], counts  # three scenes, re-embedded by one replica
+        for url in urls:
+            assert best(url, "birds")["scene"] == "birds"
+    finally:
+        for p in procs:
+            p.terminate()
+            p.wait(timeout=30)
