@@ -59,6 +59,11 @@ RUNS: dict[str, tuple[str, list[str]]] = {
     **{f"contrastasc-nomixstyle-{size}-s{seed}": (CONTRASTASC, [f"model=cpmobile_{size}", f"seed={seed}",
                                                                "augment.mixstyle_p=0"])
        for size in ("60k", "110k") for seed in (0, 1, 2)},
+    # ... and with unlabelled two-clip mixes in every batch (more inputs to distil on than the labelled clips).
+    **{f"contrastasc-nomixstyle-mix-{size}-s{seed}": (CONTRASTASC, [f"model=cpmobile_{size}", f"seed={seed}",
+                                                                   "augment.mixstyle_p=0", "optim.mix_bank=3000",
+                                                                   "optim.mix_per_batch=32"])
+       for size in ("60k", "110k") for seed in (0, 1, 2)},
 }
 EVALS = [("prototype", 5), ("logreg", 5), ("prototype", 10), ("logreg", 10)]
 
