@@ -6,7 +6,9 @@ from __future__ import annotations
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import pytest
 from alembic import command
@@ -50,17 +52,21 @@ def test_the_service_runs_on_postgres_and_keeps_its_scenes(client_factory: Clien
         assert client.post("/classify", files=query).json()["scene"] == "kitchen"
 
 
-def _race(clients: list, name: str, seeds: list[int]) -> list[int]:  # type: ignore[type-arg]
-    """Each client enrolls ``name`` from its own thread, released together; their statuses."""
+class Poster(Protocol):
+    def post(self, url: str, *, files: Any) -> Any: ...
+
+
+def race(clients: Sequence[Poster], name: str, files: Sequence[Any]) -> list[int]:
+    """Each client (an app's TestClient, or an HTTP client of a replica) enrolls ``name`` from its own clips and
+    thread, released together; their statuses."""
     statuses: list[int] = []
     start = threading.Barrier(len(clients))
 
-    def enroll(client, seed: int) -> None:  # type: ignore[no-untyped-def]
-        files = clip_files("hum", seed=seed)
+    def enroll(client: Poster, f: Any) -> None:
         start.wait()
-        statuses.append(client.post(f"/scenes/{name}/enroll", files=files).status_code)
+        statuses.append(client.post(f"/scenes/{name}/enroll", files=f).status_code)
 
-    threads = [threading.Thread(target=enroll, args=(c, s)) for c, s in zip(clients, seeds, strict=True)]
+    threads = [threading.Thread(target=enroll, args=(c, f)) for c, f in zip(clients, files, strict=True)]
     for t in threads:
         t.start()
     for t in threads:
@@ -76,7 +82,7 @@ def test_two_replicas_enrolling_one_name_at_once_give_one_201_and_one_409(client
     with client_factory(database_url=postgres_url) as a, client_factory(database_url=postgres_url) as b:
         for attempt in range(3):
             name = f"race-{attempt}"
-            statuses = _race([a, b], name, [100 * attempt, 100 * attempt + 10])
+            statuses = race([a, b], name, [clip_files("hum", seed=100 * attempt + 10 * i) for i in range(2)])
             assert sorted(statuses) == [201, 409], statuses
             assert a.get(f"/scenes/{name}").json()["clips"] == 5
 

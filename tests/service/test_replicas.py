@@ -21,6 +21,7 @@ from tests import audio_factory as af
 from tests.conftest import clip_files, make_bundle
 from tests.service.live import serve_process
 from tests.service.test_kill9 import free_port
+from tests.service.test_postgres import race
 
 VISIBLE_WITHIN_S = 10.0  # far above the bound (NOTIFY: tens of ms; polling: sync_poll_s), for a loaded CI machine
 
@@ -109,27 +110,13 @@ def test_two_replica_processes_racing_for_one_name_give_one_201_and_one_409(tmp_
     with replicas(tmp_path / "data", "--model", str(tiny_bundle), **env) as urls:
         for attempt in range(5):
             name = f"race-{attempt}"
-            statuses = race(urls, name, [clip_files("hum", seed=100 * attempt + 10 * i) for i in range(len(urls))])
+            clients = [httpx2.Client(base_url=u, timeout=60) for u in urls]
+            statuses = race(clients, name, [clip_files("hum", seed=100 * attempt + 10 * i) for i in range(len(urls))])
+            for c in clients:
+                c.close()
             assert sorted(statuses) == [201, 409], statuses
             for url in urls:
                 assert httpx2.get(f"{url}/scenes/{name}", timeout=30).json()["clips"] == 5
-
-
-def race(urls: list[str], name: str, files: list[Any]) -> list[int]:
-    """Each replica is asked to enroll ``name`` (from its own clips) at the same moment; the statuses."""
-    statuses: list[int] = []
-    start = threading.Barrier(len(urls))
-
-    def enroll(url: str, f: list[Any]) -> None:
-        start.wait()
-        statuses.append(httpx2.post(f"{url}/scenes/{name}/enroll", files=f, timeout=60).status_code)
-
-    threads = [threading.Thread(target=enroll, args=(u, f)) for u, f in zip(urls, files, strict=True)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return statuses
 
 
 def metric(url: str, name: str) -> float:
