@@ -34,13 +34,19 @@ def _pct(cell: dict[str, Any] | None) -> str:
     return f"{100 * cell['accuracy']:.1f} ± {100 * cell['ci95']:.1f}"
 
 
-def teacher_table(eval_dir: Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    """Rows: reference embeddings and teachers; columns: 5-way and 10-way, K = 1/5/20, both probes, AUROC."""
+def teacher_table(eval_dir: Path, committed: Path | None = None) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Rows: reference embeddings and teachers; columns: 5-way and 10-way, K = 1/5/20, both probes, AUROC.
+
+    A report missing from ``eval_dir`` (a fresh clone has no runs) is read from ``committed``, the copy
+    an earlier run left in docs/results/.
+    """
     header = ["embedding"] + [f"{n}-way {k}-shot {p}" for n in (5, 10) for k in SHOTS for p in ("proto", "logreg")]
     lines = ["| " + " | ".join([*header, "open-set AUROC"]) + " |", "|" + "---|" * (len(header) + 1)]
     reports: dict[str, dict[str, Any]] = {}
     for stem, label in TEACHERS:
         path = eval_dir / f"{stem}.json"
+        if not path.is_file() and committed is not None:
+            path = committed / f"{stem}.json"
         if not path.is_file():
             continue
         report = reports[stem] = json.loads(path.read_text())
@@ -50,8 +56,17 @@ def teacher_table(eval_dir: Path) -> tuple[list[str], dict[str, dict[str, Any]]]
     return lines, reports
 
 
-def student_rows(ablation_dir: Path) -> list[dict[str, Any]]:
-    return [json.loads(p.read_text()) for p in sorted(ablation_dir.glob("*/eval.json"))]
+def student_rows(ablation_dir: Path, committed: Path | None = None) -> list[dict[str, Any]]:
+    """Every run's evaluation, by name: the rows committed in ``committed`` (docs/results/students.json), each
+    replaced by the run of the same name in ``ablation_dir`` where that run exists, plus the new runs. Runs
+    and their checkpoints are never committed, so a fresh clone adds its runs to the recorded ones."""
+    rows: dict[str, dict[str, Any]] = {}
+    if committed is not None and committed.is_file():
+        rows = {r["name"]: r for r in json.loads(committed.read_text())}
+    for p in sorted(ablation_dir.glob("*/eval.json")):
+        row = json.loads(p.read_text())
+        rows[row["name"]] = row
+    return [rows[name] for name in sorted(rows)]
 
 
 def student_table(rows: list[dict[str, Any]]) -> list[str]:
@@ -196,12 +211,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.map:
         embedding_map(args.map, args.data, args.docs / "embedding-map.png")
-    t_lines, teachers = teacher_table(args.eval_dir)
-    rows = student_rows(args.ablation_dir)
     sources = args.docs / "results"
     sources.mkdir(parents=True, exist_ok=True)
+    t_lines, teachers = teacher_table(args.eval_dir, committed=sources)
+    rows = student_rows(args.ablation_dir, committed=sources / "students.json")
     for stem in teachers:
-        shutil.copy(args.eval_dir / f"{stem}.json", sources / f"{stem}.json")
+        if (args.eval_dir / f"{stem}.json").is_file():
+            shutil.copy(args.eval_dir / f"{stem}.json", sources / f"{stem}.json")
     (sources / "students.json").write_text(json.dumps(rows, indent=2) + "\n")
     if rows:
         plot_size(rows, teachers, args.docs / "results-size.png")

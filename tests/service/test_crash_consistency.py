@@ -47,7 +47,7 @@ def test_crash_after_audio_is_written_but_before_commit(client_factory: ClientFa
 
             m.setattr(repository, "put_prototype", crash)
             # A killed process runs no clean-up: keep the request's own removal of its audio from running.
-            m.setattr(ClipStore, "remove", lambda self, hashes: None)
+            m.setattr(ClipStore, "discard", lambda self, hashes, references: 0)
             assert client.post("/scenes/second/enroll", files=clip_files()).status_code == 500
         assert len(blobs(tmp_path / "data")) == 10  # the orphaned audio is on disk ...
     with client_factory() as client:
