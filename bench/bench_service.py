@@ -67,10 +67,10 @@ CLIPS_PER_ENROLLMENT = 5
 SCALE_BASELINE_SCENES = 10
 PAIRED_REQUESTS = 50  # at most this many clips in the paired time-share pass
 
-# Targets: (value must be) >= / <= these.
-TARGET_HTTP_RAW_RATIO = 0.70
+# Targets: (value must be) >= / <= these; issue 12's (serving without torch).
+TARGET_HTTP_RAW_RATIO = 0.90  # HTTP classify throughput over raw decode+embed throughput, at 1 and 4 clients
 TARGET_P99_P50_CONCURRENT = 2.0
-TARGET_PEAK_RSS_MB = 600.0
+TARGET_PEAK_RSS_MB = 250.0  # server peak; the issue sets it for 16 clients sending 20 s clips
 TARGET_SCALE_SLOWDOWN = 1.10
 
 SCENE_NAME_BAD = re.compile(r"[^a-z0-9_-]+")
@@ -489,10 +489,17 @@ class Paired:
     decode_ms: float
     embed_ms: float
     request_ms: float
+    server_infer_ms: float  # the service's own queue + decode + embed + search (its Server-Timing header)
 
     @property
     def rest_ms(self) -> float:
         return self.request_ms - self.decode_ms - self.embed_ms
+
+    @property
+    def http_ms(self) -> float:
+        """What the request costs outside the service's inference: client, TCP, HTTP parsing, multipart, routing,
+        the hop to the inference pool and back, the response and its log line."""
+        return self.request_ms - self.server_infer_ms
 
     @property
     def decode_share(self) -> float:
@@ -516,7 +523,7 @@ def paired_breakdown(base_url: str, encoder: OnnxEncoder, sequence: Sequence[Cli
     """Where a classify request's time goes: each clip is decoded + embedded here and sent over HTTP, in turn
     (alternating which goes first), so that both see the same machine state even on a busy host."""
     rate = encoder.sample_rate
-    decode_s = embed_s = request_s = 0.0
+    decode_s = embed_s = request_s = server_s = 0.0
     with http_client(base_url) as client:
         for k, clip in enumerate(sequence):
             for step in ((0, 1) if k % 2 == 0 else (1, 0)):
@@ -533,9 +540,21 @@ def paired_breakdown(base_url: str, encoder: OnnxEncoder, sequence: Sequence[Cli
                     request_s += time.perf_counter() - t0
                     if r.status_code != 200:
                         raise RuntimeError(f"classify failed: {describe_error(r)}")
+                    server_s += server_timing_ms(r.headers.get("server-timing", "")) / 1000
     n = max(1, len(sequence))
     return Paired(pairs=len(sequence), decode_ms=decode_s / n * 1000, embed_ms=embed_s / n * 1000,
-                  request_ms=request_s / n * 1000)
+                  request_ms=request_s / n * 1000, server_infer_ms=server_s / n * 1000)
+
+
+def server_timing_ms(header: str) -> float:
+    """The sum of a W3C Server-Timing header's durations (``name;dur=ms, ...``)."""
+    total = 0.0
+    for entry in filter(None, (e.strip() for e in header.split(","))):
+        for param in entry.split(";")[1:]:
+            key, _, value = param.strip().partition("=")
+            if key == "dur":
+                total += float(value)
+    return total
 
 
 def enroll_all(base_url: str, enrollments: Sequence[tuple[str, list[Clip]]]) -> list[float]:
@@ -856,7 +875,9 @@ def run_all(args: argparse.Namespace, bundle: Path, encoder: OnnxEncoder, manife
         f"in-process right next to its HTTP request): request mean {paired.request_ms:.1f} ms = decode "
         f"{paired.decode_ms:.1f} ms ({paired.decode_share:.0%}) + embed {paired.embed_ms:.1f} ms "
         f"({paired.embed_share:.0%}) + the rest (HTTP, multipart, threadpool, index search, JSON) "
-        f"{paired.rest_ms:.1f} ms ({paired.rest_share:.0%}); paired HTTP/raw throughput {paired.throughput_ratio:.3f}")
+        f"{paired.rest_ms:.1f} ms ({paired.rest_share:.0%}); paired HTTP/raw throughput {paired.throughput_ratio:.3f}; "
+        f"the service's own inference (Server-Timing) {paired.server_infer_ms:.1f} ms, so HTTP and the framework "
+        f"outside it {paired.http_ms:.1f} ms")
 
     results["raw"] = {"before_http": asdict(raw_before), "after_http": asdict(raw_after),
                       "decode_embed_clips_per_s_mean": raw_rate}
@@ -867,7 +888,7 @@ def run_all(args: argparse.Namespace, bundle: Path, encoder: OnnxEncoder, manife
         "p99_over_p50_concurrent": concurrent.latency.p99_over_p50,
         "time_share_paired": {**asdict(paired), "decode_share": paired.decode_share,
                               "embed_share": paired.embed_share, "rest_share": paired.rest_share,
-                              "throughput_ratio": paired.throughput_ratio},
+                              "http_ms": paired.http_ms, "throughput_ratio": paired.throughput_ratio},
     }
     results["enroll"] = {"clips_per_enrollment": CLIPS_PER_ENROLLMENT, "seconds": enroll_s,
                          "latency": asdict(enroll_lat)}

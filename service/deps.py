@@ -20,19 +20,21 @@ bearer = HTTPBearer(
                 "(everything, including /keys). While no key exists the service is open on loopback.")
 
 
-def get_settings(request: Request) -> Settings:
+# Dependencies are ``async def``: FastAPI runs a plain ``def`` dependency on its thread pool, a thread hop per
+# dependency per request (about 1 ms each on this 2-core VM, measured: bench/bench_service.py's paired breakdown).
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_scene_service(request: Request) -> SceneService:
+async def get_scene_service(request: Request) -> SceneService:
     service: SceneService | None = getattr(request.app.state, "scenes", None)
     if service is None:
         raise NotReady("the model and index are not loaded yet")
     return service
 
 
-def get_key_ring(request: Request) -> KeyRing:
+async def get_key_ring(request: Request) -> KeyRing:
     ring: KeyRing | None = getattr(request.app.state, "keys", None)
     if ring is None:
         raise NotReady("the API keys are not loaded yet")
@@ -56,11 +58,11 @@ def require(needed: Scope) -> Any:
 
     async def check(request: Request,
                     credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]) -> Principal:
-        ring = get_key_ring(request)
+        ring = await get_key_ring(request)
         if ring.open:
             # No key exists. Open on loopback (a newcomer on their own machine), or where told to be.
             server = request.scope.get("server")
-            if get_settings(request).allow_open or is_loopback(server[0] if server else None):
+            if (await get_settings(request)).allow_open or is_loopback(server[0] if server else None):
                 return Principal(name=None, scope=Scope.ADMIN)
             raise Unauthorized("no API key exists and this service does not run open on a non-loopback address; "
                                "create a key with `sceneprint keys create` (or start it with --allow-open)")
