@@ -599,7 +599,8 @@ def export_student(encoder: Encoder, export: Path, cfg: StudentConfig, data: Tra
                 unknown_threshold=calibrated_threshold(results), training={
         "recipe": (f"ContrastASC stage 2: {cfg.loss.alpha:g} CE + {cfg.loss.beta:g} KD (T={cfg.loss.kd_temperature:g})"
                    f" + {cfg.loss.gamma:g} CRD (T={cfg.loss.crd_temperature:g}) from the teacher; 0.96 s crops; "
-                   "Freq-MixStyle, masking, time roll, frequency shift"
+                   + ("Freq-MixStyle, " if cfg.augment.mixstyle_p > 0 else "no Freq-MixStyle; ")
+                   + "masking, time roll, frequency shift"
                    + (f"; + {cfg.loss.embed_weight:g} x regression of the teacher backbone's standardised 1,024-d "
                       "embedding (1 - cosine)" if cfg.loss.embed_weight else "")
                    + (f"; + {cfg.loss.audioset_weight:g} x BCE to the frozen AudioSet YAMNet's 521 scores"

@@ -100,7 +100,10 @@ def test_what_one_replica_writes_reaches_the_others_classifications(tmp_path: Pa
         assert httpx2.delete(f"{b}/scenes/kitchen", timeout=30).status_code == 204
         until(lambda: not in_index(a, "kitchen", "hum"))
         assert [s["name"] for s in httpx2.get(f"{a}/scenes", timeout=30).json()["scenes"]] == ["street"]
-        assert metric(a, "sceneprint_replica_synced_scenes_total") >= 5  # the other's four writes, and its own
+        # At least the other's three writes (street, the threshold, the deletion): each was waited for on this
+        # replica before the next was made, so each took a poll of its own; this replica's own changes may share
+        # a poll with them (a scene counts once per poll), so more is not guaranteed on a busy machine.
+        assert metric(a, "sceneprint_replica_synced_scenes_total") >= 3
         assert metric(a, "sceneprint_index_scenes") == metric(b, "sceneprint_index_scenes") == 1
 
 
