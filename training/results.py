@@ -81,18 +81,19 @@ def student_table(rows: list[dict[str, Any]]) -> list[str]:
 
 
 def headline(rows: list[dict[str, Any]]) -> list[str]:
-    """Mean and spread over seeds of the two methods of the paper's comparison, per size."""
-    groups: dict[str, list[dict[str, Any]]] = {}
+    """Mean and spread over seeds of the two methods of the paper's comparison (and ContrastASC without
+    Freq-MixStyle), per size."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        m = re.fullmatch(r"(contrastasc|ftkd)-(\d+k)-s(\d+)", r["name"])
+        m = re.fullmatch(r"(contrastasc|contrastasc-nomixstyle|ftkd)-(\d+k)-s(\d+)", r["name"])
         if m:
-            groups.setdefault(f"{m.group(1)}-{m.group(2)}", []).append(r)
+            groups.setdefault((m.group(1), m.group(2)), []).append(r)
     lines = ["| method | size | seeds | 5-way 5-shot proto, mean (min-max) | 5-way 5-shot logreg | "
              "10-way 5-shot proto |", "|---|---|---|---|---|---|"]
-    names = {"contrastasc": "SupCon teacher + KD + CRD (ContrastASC)", "ftkd": "CE teacher + KD (FT+KD)"}
-    for key in sorted(groups, key=lambda k: (k.split("-")[1], k)):
-        method, size = key.split("-")
-        runs = groups[key]
+    names = {"contrastasc": "SupCon teacher + KD + CRD (ContrastASC)", "ftkd": "CE teacher + KD (FT+KD)",
+             "contrastasc-nomixstyle": "ContrastASC without Freq-MixStyle"}
+    for method, size in sorted(groups, key=lambda k: (k[1], k[0])):
+        runs = groups[(method, size)]
 
         def agg(col: str, runs: list[dict[str, Any]] = runs) -> str:
             values = [100 * r[col]["accuracy"] for r in runs]

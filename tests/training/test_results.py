@@ -35,3 +35,15 @@ def test_a_teacher_report_missing_from_the_runs_is_read_from_the_committed_copy(
     lines, reports = teacher_table(tmp_path / "missing", committed=tmp_path / "docs")
     assert list(reports) == ["logmel-stats"] and "90.0 ± 1.0" in lines[-1]
     assert teacher_table(tmp_path / "missing")[1] == {}
+
+
+def test_the_headline_groups_seeds_per_method_and_size() -> None:
+    from sceneprint.training.results import headline
+
+    rows = [_row("contrastasc-60k-s0", 0.80), _row("contrastasc-60k-s1", 0.90), _row("ftkd-60k-s0", 0.70),
+            _row("contrastasc-nomixstyle-110k-s0", 0.88), _row("embdistill-60k-s0", 0.99)]
+    lines = headline(rows)[2:]
+    assert len(lines) == 3
+    assert any(line.startswith("| SupCon teacher + KD + CRD (ContrastASC) | 60k | 2 | 85.0 (80.0-90.0)")
+               for line in lines)
+    assert any("without Freq-MixStyle | 110k | 1 | 88.0" in line for line in lines)
