@@ -83,7 +83,7 @@ def render(bundle: Path) -> str:
             "",
             f"Enrollment checks ({cal.source}): a clip whose leave-one-out similarity is below "
             f"{cal.min_clip_similarity:.3f}, or a scene whose cohesion is below {cal.min_cohesion:.3f}, is refused "
-            f"(the {100 * cal.false_refusal:.1f}% quantiles of genuine enrollments); decision rule `{cal.rule}`.",
+            f"(the {100 * cal.false_refusal:g}% quantiles of genuine enrollments); decision rule `{cal.rule}`.",
         ]
     fewshot_55 = fewshot.get("5way_5shot")
     if fewshot_55:
