@@ -83,15 +83,16 @@ def student_table(rows: list[dict[str, Any]]) -> list[str]:
 def headline(rows: list[dict[str, Any]]) -> list[str]:
     """Mean and spread over seeds of the two methods of the paper's comparison (and ContrastASC without
     Freq-MixStyle), per size."""
+    names = {"contrastasc": "SupCon teacher + KD + CRD (ContrastASC)", "ftkd": "CE teacher + KD (FT+KD)",
+             "contrastasc-nomixstyle": "ContrastASC without Freq-MixStyle"}
+    pattern = re.compile(rf"({'|'.join(map(re.escape, names))})-(\d+k)-s(\d+)")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
-        m = re.fullmatch(r"(contrastasc|contrastasc-nomixstyle|ftkd)-(\d+k)-s(\d+)", r["name"])
+        m = pattern.fullmatch(r["name"])
         if m:
             groups.setdefault((m.group(1), m.group(2)), []).append(r)
     lines = ["| method | size | seeds | 5-way 5-shot proto, mean (min-max) | 5-way 5-shot logreg | "
              "10-way 5-shot proto |", "|---|---|---|---|---|---|"]
-    names = {"contrastasc": "SupCon teacher + KD + CRD (ContrastASC)", "ftkd": "CE teacher + KD (FT+KD)",
-             "contrastasc-nomixstyle": "ContrastASC without Freq-MixStyle"}
     for method, size in sorted(groups, key=lambda k: (k[1], k[0])):
         runs = groups[(method, size)]
 

@@ -133,6 +133,8 @@ class StudentConfig:
     eval_episodes: int = 300
     final_episodes: int = 2000
     model_version: str = "sceneprint-cpmobile-contrastasc-v1"
+    # enrollment checks of the exported bundle: the quantile of genuine training-class enrollments each bound refuses
+    enrollment_false_refusal: float = 0.005
     frontend: LogMelConfig = field(default_factory=LogMelConfig)
     window: WindowConfig = field(default_factory=WindowConfig)
     data: StudentDataConfig = field(default_factory=StudentDataConfig)
@@ -630,5 +632,6 @@ def export_student(encoder: Encoder, export: Path, cfg: StudentConfig, data: Tra
     from sceneprint.training.calibration import calibrate_bundle
 
     if read_manifest(export).graph is not None:  # calibration embeds through the graph, as the service will
-        cal = calibrate_bundle(export, data.root, split=cfg.data.split).calibration
+        cal = calibrate_bundle(export, data.root, split=cfg.data.split,
+                               false_refusal=cfg.enrollment_false_refusal).calibration
         print(f"enrollment calibration: {cal}")
