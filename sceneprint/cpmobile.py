@@ -10,7 +10,10 @@ pooling, then LayerNorm over the pooled embedding (``output_norm="layer"``, the 
 training heads read. At inference BatchNorm is a fixed affine map, so an embedding never depends on
 the batch. ``output_norm`` variants for the ablation: ``batch`` (BatchNorm1d) and ``none``;
 ``head`` is the layout of format-1 bundles (a normalisation inside the 1x1 head convolution, before
-pooling). Channel LayerNorm in every block (``norm="layer"``) is a research variant: it collapses at
+pooling). A bundle may carry an affine map of the embedding folded into the 1x1 head convolution
+(``head_bias``: the within-class whitening of ``sceneprint.training.whitening``); the output
+normalisation then no longer sees what it was trained on, which only the training heads read.
+Channel LayerNorm in every block (``norm="layer"``) is a research variant: it collapses at
 initialisation (every clip maps to nearly one embedding; docs/research-notes.md).
 """
 
@@ -42,6 +45,9 @@ class CPMobileConfig:
     norm: Norm = "batch"  # inside the blocks
     output_norm: OutputNorm = "layer"  # of the pooled embedding (``head``: format-1 layout)
     embedding_dim: int = 128
+    # The 1x1 head convolution has a bias: where an affine map of the embedding (a whitening fitted after
+    # training, ``sceneprint.training.whitening``) is folded into it. False for every network as trained.
+    head_bias: bool = False
 
     def __post_init__(self) -> None:
         if len(self.strides) != sum(self.n_blocks):
@@ -52,6 +58,8 @@ class CPMobileConfig:
             raise ValueError(f"norm must be 'layer' or 'batch', not {self.norm!r}")
         if self.output_norm not in ("layer", "batch", "none", "head"):
             raise ValueError(f"output_norm must be 'layer', 'batch', 'none' or 'head', not {self.output_norm!r}")
+        if self.head_bias and self.output_norm == "head":
+            raise ValueError("head_bias needs a plain 1x1 head convolution (output_norm other than 'head')")
         # JSON round trips give lists; keep the config hashable and comparable.
         object.__setattr__(self, "n_blocks", tuple(int(n) for n in self.n_blocks))
         object.__setattr__(self, "strides", tuple((int(f), int(t)) for f, t in self.strides))
@@ -159,7 +167,7 @@ class CPMobile(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.head: nn.Module = (ConvNormAct(c[-1], config.embedding_dim, 1, 1, config.norm, act=False)
                                 if config.output_norm == "head"
-                                else nn.Conv2d(c[-1], config.embedding_dim, 1, bias=False))
+                                else nn.Conv2d(c[-1], config.embedding_dim, 1, bias=config.head_bias))
         self.output_norm: nn.Module = {"layer": nn.LayerNorm(config.embedding_dim),
                                        "batch": nn.BatchNorm1d(config.embedding_dim)}.get(config.output_norm,
                                                                                           nn.Identity())

@@ -7,6 +7,9 @@ stopped and started again; runs go ``--parallel`` at a time, one torch thread ea
 
     python -m sceneprint.training.ablation --runs contrastasc-60k-s0 ftkd-60k-s0 --parallel 2
     python -m sceneprint.training.ablation --list
+
+``--whiten`` also evaluates every run's bundle after a within-class whitening fitted on its training
+classes (``sceneprint bundle whiten``), beyond the paper.
 """
 
 from __future__ import annotations
@@ -66,6 +69,7 @@ RUNS: dict[str, tuple[str, list[str]]] = {
        for size in ("60k", "110k") for seed in (0, 1, 2)},
 }
 EVALS = [("prototype", 5), ("logreg", 5), ("prototype", 10), ("logreg", 10)]
+WHITENED_EVALS = [("prototype", 5), ("prototype", 10)]
 
 
 def run_dir(out: Path, name: str) -> Path:
@@ -79,17 +83,26 @@ def command(name: str, out: Path, overrides: list[str]) -> list[str]:
             f"model_version=ablation-{name}", *overrides, "--out", str(d), "--export", str(d / "bundle")]
 
 
-def evaluate_run(name: str, out: Path, data: Path, episodes: int) -> dict[str, Any]:
-    """Both probes, 5- and 10-way 5-shot, on the dev held-out classes, the same episodes for every run."""
+def evaluate_run(name: str, out: Path, data: Path, episodes: int, *, whiten: bool = False) -> dict[str, Any]:
+    """Both probes, 5- and 10-way 5-shot, on the dev held-out classes, the same episodes for every run; with
+    ``whiten``, also the prototype rule after a within-class whitening (``bundle whiten``, into ``bundle-whitened``).
+    """
     d = run_dir(out, name)
+    env = {**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
     figures: dict[str, Any] = {}
-    for probe, ways in EVALS:
-        path = d / f"eval-{probe}-{ways}way.json"
-        subprocess.run([sys.executable, "-m", "sceneprint.cli", "evaluate", "--bundle", str(d / "bundle"),
+    runs = [("bundle", probe, ways, "") for probe, ways in EVALS]
+    if whiten:
+        if not (d / "bundle-whitened" / "manifest.json").is_file():
+            subprocess.run([sys.executable, "-m", "sceneprint.cli", "bundle", "whiten", str(d / "bundle"), "--out",
+                            str(d / "bundle-whitened"), "--data", str(data), "--episodes", str(episodes)],
+                           check=True, env=env)
+        runs += [("bundle-whitened", probe, ways, "_whitened") for probe, ways in WHITENED_EVALS]
+    for bundle, probe, ways, suffix in runs:
+        path = d / f"eval-{probe}-{ways}way{suffix}.json"
+        subprocess.run([sys.executable, "-m", "sceneprint.cli", "evaluate", "--bundle", str(d / bundle),
                         "--data", str(data), "--split", "fewshot-v1", "--ways", str(ways), "--shots", "5",
-                        "--episodes", str(episodes), "--probe", probe, "--json", str(path)],
-                       check=True, env={**os.environ, "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"})
-        figures[f"{probe}_{ways}way_5shot"] = json.loads(path.read_text())
+                        "--episodes", str(episodes), "--probe", probe, "--json", str(path)], check=True, env=env)
+        figures[f"{probe}_{ways}way_5shot{suffix}"] = json.loads(path.read_text())
     manifest = json.loads((d / "bundle" / "manifest.json").read_text())
     result = {"name": name, "parameter_count": manifest["parameter_count"],
               "macs_per_second": manifest["macs_per_second"], "config": RUNS[name][0], "overrides": RUNS[name][1],
@@ -108,6 +121,8 @@ def main(argv: list[str] | None = None) -> None:
                                                                          "../shared/data/sceneprint-dev")))
     parser.add_argument("--parallel", type=int, default=2)
     parser.add_argument("--episodes", type=int, default=500)
+    parser.add_argument("--whiten", action="store_true", help="also evaluate each run after a within-class "
+                        "whitening fitted on its training classes (re-evaluates finished runs that lack it)")
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to every run (e.g. optim.epochs=60)")
     args = parser.parse_args(argv)
     if args.list:
@@ -117,7 +132,16 @@ def main(argv: list[str] | None = None) -> None:
     unknown = [r for r in args.runs if r not in RUNS]
     if unknown:
         raise SystemExit(f"unknown runs {unknown}; see --list")
-    pending = [r for r in args.runs if not (run_dir(args.out, r) / "eval.json").is_file()]
+    def done(r: str) -> bool:
+        path = run_dir(args.out, r) / "eval.json"
+        return path.is_file() and (not args.whiten or "prototype_5way_5shot_whitened" in json.loads(path.read_text()))
+
+    for r in args.runs:  # trained, not (yet) evaluated as asked
+        if not done(r) and (run_dir(args.out, r) / "bundle" / "manifest.json").is_file() and \
+                (run_dir(args.out, r) / "metrics.json").is_file():
+            result = evaluate_run(r, args.out, args.data, args.episodes, whiten=args.whiten)
+            print(f"{r}: 5-way 5-shot {100 * result['prototype_5way_5shot']['accuracy']:.1f}%", flush=True)
+    pending = [r for r in args.runs if not done(r)]
     running: dict[str, subprocess.Popen[bytes]] = {}
     while pending or running:
         while pending and len(running) < args.parallel:
@@ -135,7 +159,7 @@ def main(argv: list[str] | None = None) -> None:
             if proc.returncode != 0:
                 print(f"{name} failed ({proc.returncode}); see {run_dir(args.out, name) / 'train.log'}", flush=True)
                 continue
-            result = evaluate_run(name, args.out, args.data, args.episodes)
+            result = evaluate_run(name, args.out, args.data, args.episodes, whiten=args.whiten)
             print(f"{name}: 5-way 5-shot {100 * result['prototype_5way_5shot']['accuracy']:.1f}%", flush=True)
         time.sleep(5)
 

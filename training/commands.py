@@ -160,6 +160,24 @@ def calibrate(
                f"{c.min_cohesion:.3f} cohesion are refused; rule {c.rule} (slope {c.slope:g})")
 
 
+def whiten(
+    bundle: Annotated[Path, typer.Argument(help="A CP-Mobile student bundle.")],
+    out: Annotated[Path | None, typer.Option(help="Write the whitened bundle here (default: in place).")] = None,
+    data: Annotated[Path | None, typer.Option(help="The dataset of its training classes (default: sceneprint-dev).")]
+    = None,
+    split: Annotated[str, typer.Option(help="The split whose held-out classes are evaluated.")] = "fewshot-v1",
+    episodes: Annotated[int, typer.Option(min=50, help="Held-out episodes of the manifest's figures.")] = 2000,
+    model_version: Annotated[str | None, typer.Option(help="Default: the bundle's own.")] = None,
+) -> None:
+    """Fold a within-class whitening of the embedding, fitted on the classes it was trained on, into a bundle."""
+    from sceneprint.training.data import dev_data_root
+    from sceneprint.training.whitening import summary, whiten_bundle
+
+    m = whiten_bundle(bundle, out or bundle, dev_data_root(data), split=split, episodes=episodes,
+                      model_version=model_version)
+    typer.echo(summary(m))
+
+
 def retrain(
     config: ConfigFile,
     overrides: Overrides = None,
@@ -201,7 +219,7 @@ def retrain(
 
 def register(app: typer.Typer) -> None:
     """Add ``train teacher``, ``train student``, ``retrain``, ``evaluate``, ``teacher-bundle``, ``bundle add-onnx``
-    and ``bundle calibrate`` to the CLI."""
+    ``bundle calibrate`` and ``bundle whiten`` to the CLI."""
     train_app = typer.Typer(help="Training stages (needs the 'train' extra: torch, and 'teacher' for YAMNet).",
                             no_args_is_help=True)
     train_app.command("teacher")(train_teacher)
@@ -213,4 +231,5 @@ def register(app: typer.Typer) -> None:
     bundle_app = typer.Typer(help="Encoder bundles.", no_args_is_help=True)
     bundle_app.command("add-onnx")(add_onnx)
     bundle_app.command("calibrate")(calibrate)
+    bundle_app.command("whiten")(whiten)
     app.add_typer(bundle_app, name="bundle")
