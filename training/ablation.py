@@ -67,6 +67,12 @@ RUNS: dict[str, tuple[str, list[str]]] = {
                                                                    "augment.mixstyle_p=0", "optim.mix_bank=3000",
                                                                    "optim.mix_per_batch=32"])
        for size in ("60k", "110k") for seed in (0, 1, 2)},
+    # ... and regressing the teacher backbone's embedding whitened within the training classes (shrinkage 0.1,
+    # what cross-validation over the training classes picks for the SupCon teacher's own embedding).
+    **{f"contrastasc-nomixstyle-mix-wemb-{size}-s{seed}": (CONTRASTASC, [
+        f"model=cpmobile_{size}", f"seed={seed}", "augment.mixstyle_p=0", "optim.mix_bank=3000",
+        "optim.mix_per_batch=32", "loss.embed_weight=1.0", "loss.embed_whiten=0.1"])
+       for size in ("60k", "110k") for seed in (0, 1, 2)},
 }
 EVALS = [("prototype", 5), ("logreg", 5), ("prototype", 10), ("logreg", 10)]
 WHITENED_EVALS = [("prototype", 5), ("prototype", 10)]

@@ -110,6 +110,9 @@ class LossConfig:
     # through a linear map from the student's embedding, as 1 - cosine. It carries what the teacher
     # knows beyond the training classes, which KD (training-class logits) and a 128-d projection do not.
     embed_weight: float = 0.0
+    # How that embedding is made a target: negative, standardised per dimension; >= 0, whitened within
+    # classes (the training classes' crops) with this shrinkage (``sceneprint.training.whitening``).
+    embed_whiten: float = -1.0
     # Beyond the paper: binary cross-entropy to the AudioSet-pretrained YAMNet's 521 scores (its sigmoid
     # outputs, frozen weights) through a linear head: the teacher's knowledge of 521 classes, not 30.
     audioset_weight: float = 0.0
@@ -365,11 +368,25 @@ def load_training_data(cfg: StudentConfig) -> TrainingData:
             raise ValueError("optim.mix_bank needs a teacher: mixes have no label")
         mixes = mix_bank(cfg, root, meta, train_idx, labels, tuple(targets))
     if "embedding" in targets:
-        # Standardise each dimension over the training clips' crops (fixed constants for the run).
+        # Standardise each dimension over the training clips' crops, or whiten their within-class covariance
+        # (``loss.embed_whiten``): fixed constants for the run.
         e = targets["embedding"][train_idx].astype(np.float32)
-        mean, std = e.mean(axis=(0, 1)), e.std(axis=(0, 1)) + 1e-3
+        if cfg.loss.embed_whiten >= 0:
+            from sceneprint.training.whitening import apply_whitening, within_class_whitening
+
+            d = e.shape[-1]
+            mean, matrix = within_class_whitening(e.reshape(-1, d), np.repeat(labels[train_idx], e.shape[1]),
+                                                  cfg.loss.embed_whiten)
+
+            def transform(z: np.ndarray) -> np.ndarray:
+                return apply_whitening(z.astype(np.float32).reshape(-1, d), mean, matrix).reshape(z.shape)
+        else:
+            mean, std = e.mean(axis=(0, 1)), e.std(axis=(0, 1)) + 1e-3
+
+            def transform(z: np.ndarray) -> np.ndarray:
+                return (z.astype(np.float32) - mean) / std
         for bank in [targets] + ([mixes] if mixes is not None else []):
-            bank["embedding"] = ((bank["embedding"].astype(np.float32) - mean) / std).astype(np.float16)
+            bank["embedding"] = transform(bank["embedding"]).astype(np.float16)
     return TrainingData(feats, targets, labels, memory_row, classes, train_idx, val_idx, held_idx, meta, split, root,
                         mixes)
 
@@ -618,8 +635,10 @@ def export_student(encoder: Encoder, export: Path, cfg: StudentConfig, data: Tra
                    f" + {cfg.loss.gamma:g} CRD (T={cfg.loss.crd_temperature:g}) from the teacher; 0.96 s crops; "
                    + ("Freq-MixStyle, " if cfg.augment.mixstyle_p > 0 else "no Freq-MixStyle; ")
                    + "masking, time roll, frequency shift"
-                   + (f"; + {cfg.loss.embed_weight:g} x regression of the teacher backbone's standardised 1,024-d "
-                      "embedding (1 - cosine)" if cfg.loss.embed_weight else "")
+                   + (f"; + {cfg.loss.embed_weight:g} x regression of the teacher backbone's "
+                      + ("standardised" if cfg.loss.embed_whiten < 0
+                         else f"within-class whitened (shrinkage {cfg.loss.embed_whiten:g})")
+                      + " 1,024-d embedding (1 - cosine)" if cfg.loss.embed_weight else "")
                    + (f"; + {cfg.loss.audioset_weight:g} x BCE to the frozen AudioSet YAMNet's 521 scores"
                       if cfg.loss.audioset_weight else "")
                    + (f"; {cfg.optim.mix_per_batch} unlabelled two-clip mixes per batch"

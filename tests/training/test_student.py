@@ -163,3 +163,21 @@ def test_audioset_scores_of_the_frozen_teacher_are_a_target_per_crop(teacher_run
     expected = (0.02 * record["train_ce"] + 0.98 * record["train_kd"] + 0.1 * record["train_crd"]
                 + 0.3 * record["train_audioset"])
     assert record["train_loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_the_embedding_target_can_be_whitened_within_the_training_classes(teacher_run: tuple[Path, Path],
+                                                                          tmp_path: Path) -> None:
+    standard = load_training_data(student_config(teacher_run, tmp_path, "loss.embed_weight=1.0"))
+    whitened = load_training_data(student_config(teacher_run, tmp_path, "loss.embed_weight=1.0",
+                                                 "loss.embed_whiten=1.0"))
+    for data in (standard, whitened):
+        e = data.targets["embedding"][data.train_idx].astype(np.float64)  # (N, P, 1024)
+        np.testing.assert_allclose(e.mean(axis=(0, 1)), 0.0, atol=2e-2)
+    e = whitened.targets["embedding"][whitened.train_idx].astype(np.float64)
+    labels = np.repeat(whitened.labels[whitened.train_idx], e.shape[1])
+    flat = e.reshape(-1, e.shape[-1])
+    centred = flat - np.stack([flat[labels == c].mean(axis=0) for c in labels])
+    w = np.linalg.eigvalsh(centred.T @ centred / (len(flat) - len(set(labels))))
+    # Within-class eigenvalues w / (w + mean(w)) after whitening with shrinkage 1: all below 1, the largest
+    # near 1 (a direction far above the mean), where standardising leaves them anything.
+    assert w.max() < 1.0 and w.max() > 0.5
