@@ -59,6 +59,8 @@ def evaluate(
     json_out: Annotated[Path | None, typer.Option("--json", help="Write the report as JSON here.")] = None,
     engine: Annotated[str, typer.Option(help="onnx (the bundle's graph, as served), torch (its weights), or auto: "
                                              "onnx when the bundle has a graph.")] = "auto",
+    whiten: Annotated[bool, typer.Option(help="First whiten the embeddings within classes, fitted on the clips of "
+                                              "--split's training classes (beyond the paper).")] = False,
 ) -> None:
     """Few-shot accuracy of a bundle on a folder of labelled recordings (supports and queries from different
     recordings), through the service's decode and embed path."""
@@ -73,7 +75,7 @@ def evaluate(
         raise typer.BadParameter(f"--probe must be prototype or logreg, not {probe!r}")
     report = run_evaluate(bundle=bundle, baseline=baseline, data=data, layout=layout, split=split, subset=subset,
                           shots=shots, ways=ways, episodes=episodes, seed=seed, probe=chosen, grid=grid,
-                          engine=engine)
+                          engine=engine, whiten=whiten)
     typer.echo(format_table(report))
     if json_out is not None:
         json_out.parent.mkdir(parents=True, exist_ok=True)

@@ -211,12 +211,17 @@ def calibrated_threshold(report: dict[str, Any]) -> float | None:
 
 def run_evaluate(*, bundle: Path | None, baseline: str | None, data: Path, layout: str, split: str | None,
                  subset: str | None, shots: int, ways: int | None, episodes: int, seed: int, probe: Probe,
-                 grid: bool, engine: str = "auto") -> dict[str, Any]:
+                 grid: bool, engine: str = "auto", whiten: bool = False) -> dict[str, Any]:
     """What ``sceneprint evaluate`` does; returns the JSON report.
 
     ``engine``: ``onnx`` embeds through the bundle's ONNX graph (what the service runs: float32 or int8),
-    ``torch`` through its weights; ``auto`` is ``onnx`` when the bundle has a graph.
+    ``torch`` through its weights; ``auto`` is ``onnx`` when the bundle has a graph. ``whiten``: first map
+    every clip's mean window embedding through a within-class whitening fitted on the clips of the split's
+    training classes (``sceneprint.training.whitening``; any bundle, where ``bundle whiten`` folds it into
+    a CP-Mobile student's weights).
     """
+    if whiten and (split is None or bundle is None):
+        raise ValueError("whiten needs a bundle and a split: it is fitted on the split's training classes")
     clips = select_clips(data, layout=layout, split=split, subset=subset)
     if not clips:
         raise ValueError(f"no clips to evaluate in {data}")
@@ -224,18 +229,23 @@ def run_evaluate(*, bundle: Path | None, baseline: str | None, data: Path, layou
         if engine not in ("auto", "onnx", "torch"):
             raise ValueError(f"engine must be auto, onnx or torch, not {engine!r}")
         manifest = read_manifest(bundle)
+        chosen: ClipEncoder | OnnxEncoder
         if engine == "onnx" or (engine == "auto" and manifest.graph is not None):
-            onnx_encoder = load_onnx_encoder(bundle)
-            unit, raw = embed_dataset(onnx_encoder, clips)
-            assert onnx_encoder.manifest.graph is not None
-            used = f"onnx ({onnx_encoder.manifest.graph.precision})"
+            chosen = load_onnx_encoder(bundle)
+            assert chosen.manifest.graph is not None
+            used = f"onnx ({chosen.manifest.graph.precision})"
         else:
-            encoder, manifest = load_bundle(bundle)
-            unit, raw = embed_dataset(encoder, clips)
+            chosen, manifest = load_bundle(bundle)
             used = "torch"
+        unit, raw = embed_dataset(chosen, clips)
         threshold, calibration = manifest.unknown_threshold, manifest.calibration
-        source = {"bundle": str(bundle), "model_version": manifest.model_version,
-                  "architecture": manifest.architecture, "engine": used}
+        source: dict[str, Any] = {"bundle": str(bundle), "model_version": manifest.model_version,
+                                  "architecture": manifest.architecture, "engine": used}
+        if whiten:
+            assert split is not None
+            raw, source["whitening"] = _whiten(chosen, data, layout, split, raw)
+            unit = l2_normalize(raw)
+            threshold, calibration = None, None  # the bundle's were calibrated on other embeddings
     elif baseline == "logmel-stats":
         threshold, calibration = None, None
         raw = logmel_baseline(clips)
@@ -246,6 +256,22 @@ def run_evaluate(*, bundle: Path | None, baseline: str | None, data: Path, layou
     report = fewshot_figures(unit, raw, clips, shots=shots, ways=ways, episodes=episodes, seed=seed, probe=probe,
                              grid=grid, unknown_threshold=threshold, calibration=calibration)
     return {**source, "data": str(data), "split": split, **report}
+
+
+def _whiten(encoder: ClipEncoder | OnnxEncoder, data: Path, layout: str, split: str, raw: np.ndarray
+            ) -> tuple[np.ndarray, dict[str, Any]]:
+    """``raw`` through a within-class whitening fitted on the split's training classes, and what was fitted."""
+    from sceneprint.training.whitening import apply_whitening, choose_shrinkage, within_class_whitening
+
+    train = set(json.loads((data / "splits" / f"{split}.json").read_text(encoding="utf-8"))["train_classes"])
+    fit_clips = [c for c in read_dataset(data, layout) if c.label in train]
+    _, fit_raw = embed_dataset(encoder, fit_clips)
+    labels, sources = [c.label for c in fit_clips], [c.source_id for c in fit_clips]
+    shrinkage, cv = choose_shrinkage(fit_raw, labels, sources)
+    mean, matrix = within_class_whitening(fit_raw, labels, shrinkage)
+    info = {"fitted_on": f"{len(fit_clips)} clips of the {len(train)} training classes of {split}",
+            "shrinkage": shrinkage, "shrinkage_cross_validation": cv}
+    return apply_whitening(raw, mean, matrix).astype(np.float32), info
 
 
 def update_manifest(bundle: Path, figures: dict[str, Any]) -> None:

@@ -16,12 +16,14 @@ from sceneprint.encoder import Encoder, WindowConfig
 from sceneprint.frontend import LogMelConfig
 from sceneprint.prototypes import l2_normalize
 from sceneprint.runtime import load_onnx_encoder
+from sceneprint.training.evaluate import run_evaluate
 from sceneprint.training.fewshot import evaluate
 from sceneprint.training.student import StudentConfig, train_student
 from sceneprint.training.whitening import (
     apply_whitening,
     choose_shrinkage,
     fold_whitening,
+    whiten_bundle,
     within_class_whitening,
 )
 from tests import audio_factory as af
@@ -117,15 +119,41 @@ def test_folding_into_the_head_equals_whitening_the_embedding() -> None:
         CPMobileConfig(output_norm="head", head_bias=True)
 
 
-def test_a_student_exported_with_whiten_serves_the_whitened_embedding(tmp_path: Path) -> None:
-    """A student alone (CE) on 10 generated training classes, exported with ``whiten``: the bundle holds the
-    folded whitening, its figures and the figures before it, its graph agrees with torch, it loads strictly."""
-    dataset = af.write_labelled_dataset(tmp_path / "data", n_classes=15, heldout=5, seconds=1.5)
-    cfg = apply_overrides(StudentConfig(), [
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """15 generated classes: 10 training classes (enough for two folds of 5-way episodes), 5 held out."""
+    return af.write_labelled_dataset(tmp_path_factory.mktemp("whiten") / "data", n_classes=15, heldout=5, seconds=1.5)
+
+
+def student_alone(dataset: Path, tmp: Path, *overrides: str) -> StudentConfig:
+    """A student alone (CE, no teacher), one epoch."""
+    return apply_overrides(StudentConfig(), [
         "model=cpmobile_6k", 'teacher=""', "loss.alpha=1", "loss.beta=0", "loss.gamma=0", f"data.root={dataset}",
-        f"data.cache_dir={tmp_path / 'cache'}", "optim.epochs=1", "optim.batch_size=16", "optim.warmup_epochs=1",
-        "eval_every=1", "eval_episodes=5", "final_episodes=20", "threads=1", "whiten=true"])
-    results = train_student(cfg, tmp_path / "run", export=tmp_path / "bundle")
+        f"data.cache_dir={tmp / 'cache'}", "optim.epochs=1", "optim.batch_size=16", "optim.warmup_epochs=1",
+        "eval_every=1", "eval_episodes=5", "final_episodes=20", "threads=1", *overrides])
+
+
+def test_evaluating_with_whiten_equals_evaluating_the_folded_bundle(dataset: Path, tmp_path: Path) -> None:
+    train_student(student_alone(dataset, tmp_path), tmp_path / "run", export=tmp_path / "bundle")
+    folded = whiten_bundle(tmp_path / "bundle", tmp_path / "whitened", dataset, episodes=20,
+                           cache_dir=tmp_path / "cache")
+    common = {"data": dataset, "layout": "auto", "split": "fewshot-v1", "subset": None, "shots": 5, "ways": 5,
+              "episodes": 50, "seed": 0, "probe": "prototype", "grid": False, "engine": "torch"}
+    applied = run_evaluate(bundle=tmp_path / "bundle", baseline=None, whiten=True, **common)
+    served = run_evaluate(bundle=tmp_path / "whitened", baseline=None, **common)
+    assert applied["whitening"]["shrinkage"] == folded.training["whitening"]["shrinkage"]
+    assert applied["few_shot"]["accuracy"] == pytest.approx(served["few_shot"]["accuracy"], abs=0.01)
+    with pytest.raises(ValueError, match="split"):
+        run_evaluate(bundle=tmp_path / "bundle", baseline=None, whiten=True, **{**common, "split": None})
+    with pytest.raises(ValueError, match="already whitened"):
+        whiten_bundle(tmp_path / "whitened", tmp_path / "twice", dataset)
+
+
+def test_a_student_exported_with_whiten_serves_the_whitened_embedding(dataset: Path, tmp_path: Path) -> None:
+    """Exported with ``whiten``: the bundle holds the folded whitening, its figures and the figures before it,
+    its enrollment calibration, a graph that agrees with torch, and it loads strictly."""
+    results = train_student(student_alone(dataset, tmp_path, "whiten=true"), tmp_path / "run",
+                            export=tmp_path / "bundle")
     encoder, manifest = load_bundle(tmp_path / "bundle")
     info = manifest.training["whitening"]
     assert info["shrinkage"] in (0.03, 0.1, 0.3, 1.0, 3.0) and len(info["shrinkage_cross_validation"]["accuracy"]) == 5
