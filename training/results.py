@@ -24,6 +24,9 @@ TEACHERS = [  # (file stem, row label)
     ("yamnet-frozen-scores", "YAMNet frozen, 521 AudioSet scores"),
     ("teacher-ce-bundle", "YAMNet CE-tuned (the conventional teacher)"),
     ("teacher-supcon-bundle", "YAMNet SupCon-tuned (0.25 CE + 0.75 SupCon)"),
+    # Beyond the paper: the same embeddings whitened within the training classes (``evaluate --whiten``).
+    ("yamnet-frozen-embedding-whitened", "YAMNet frozen, 1,024-d, within-class whitened"),
+    ("teacher-supcon-bundle-whitened", "YAMNet SupCon-tuned, within-class whitened"),
 ]
 SHOTS = (1, 5, 20)
 
@@ -70,13 +73,17 @@ def student_rows(ablation_dir: Path, committed: Path | None = None) -> list[dict
 
 
 def student_table(rows: list[dict[str, Any]]) -> list[str]:
+    """Every run; the whitened columns (``ablation --whiten``, beyond the paper) where a run has them."""
     lines = ["| run | params | M MACs/s | 5-way 5-shot proto | 5-way 5-shot logreg | 10-way 5-shot proto | "
-             "10-way 5-shot logreg | open-set AUROC |", "|---|---|---|---|---|---|---|---|"]
+             "10-way 5-shot logreg | open-set AUROC | 5-way / 10-way proto, whitened |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        whitened = (f"{_pct(r['prototype_5way_5shot_whitened'])} / {_pct(r.get('prototype_10way_5shot_whitened'))}"
+                    if "prototype_5way_5shot_whitened" in r else "")
         lines.append(f"| {r['name']} | {r['parameter_count']:,} | {r['macs_per_second'] / 1e6:.1f} | "
                      f"{_pct(r['prototype_5way_5shot'])} | {_pct(r['logreg_5way_5shot'])} | "
                      f"{_pct(r['prototype_10way_5shot'])} | {_pct(r['logreg_10way_5shot'])} | "
-                     f"{r['prototype_5way_5shot']['auroc']:.3f} |")
+                     f"{r['prototype_5way_5shot']['auroc']:.3f} | {whitened} |")
     return lines
 
 
@@ -84,7 +91,9 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
     """Mean and spread over seeds of the two methods of the paper's comparison (and ContrastASC without
     Freq-MixStyle), per size."""
     names = {"contrastasc": "SupCon teacher + KD + CRD (ContrastASC)", "ftkd": "CE teacher + KD (FT+KD)",
-             "contrastasc-nomixstyle": "ContrastASC without Freq-MixStyle"}
+             "contrastasc-nomixstyle": "ContrastASC without Freq-MixStyle",
+             "contrastasc-nomixstyle-mix": "... and unlabelled two-clip mixes",
+             "contrastasc-nomixstyle-mix-wemb": "... and the whitened teacher embedding regressed"}
     pattern = re.compile(rf"({'|'.join(map(re.escape, names))})-(\d+k)-s(\d+)")
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
@@ -92,16 +101,20 @@ def headline(rows: list[dict[str, Any]]) -> list[str]:
         if m:
             groups.setdefault((m.group(1), m.group(2)), []).append(r)
     lines = ["| method | size | seeds | 5-way 5-shot proto, mean (min-max) | 5-way 5-shot logreg | "
-             "10-way 5-shot proto |", "|---|---|---|---|---|---|"]
+             "10-way 5-shot proto | 5-way 5-shot proto, whitened |", "|---|---|---|---|---|---|---|"]
     for method, size in sorted(groups, key=lambda k: (k[1], k[0])):
         runs = groups[(method, size)]
 
         def agg(col: str, runs: list[dict[str, Any]] = runs) -> str:
-            values = [100 * r[col]["accuracy"] for r in runs]
-            return f"{statistics.mean(values):.1f} ({min(values):.1f}-{max(values):.1f})"
+            values = [100 * r[col]["accuracy"] for r in runs if col in r]
+            if not values:
+                return ""
+            seeds = "" if len(values) == len(runs) else f", {len(values)} seed{'s' * (len(values) > 1)}"
+            return f"{statistics.mean(values):.1f} ({min(values):.1f}-{max(values):.1f}{seeds})"
 
         lines.append(f"| {names[method]} | {size} | {len(runs)} | {agg('prototype_5way_5shot')} | "
-                     f"{agg('logreg_5way_5shot')} | {agg('prototype_10way_5shot')} |")
+                     f"{agg('logreg_5way_5shot')} | {agg('prototype_10way_5shot')} | "
+                     f"{agg('prototype_5way_5shot_whitened')} |")
     return lines
 
 

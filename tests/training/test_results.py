@@ -47,3 +47,15 @@ def test_the_headline_groups_seeds_per_method_and_size() -> None:
     assert any(line.startswith("| SupCon teacher + KD + CRD (ContrastASC) | 60k | 2 | 85.0 (80.0-90.0)")
                for line in lines)
     assert any("without Freq-MixStyle | 110k | 1 | 88.0" in line for line in lines)
+
+
+def test_whitened_figures_are_a_column_where_runs_have_them() -> None:
+    from sceneprint.training.results import headline, student_table
+
+    plain, whitened = _row("contrastasc-nomixstyle-mix-110k-s0", 0.89), _row("contrastasc-nomixstyle-mix-110k-s1", 0.88)
+    whitened["prototype_5way_5shot_whitened"] = {"accuracy": 0.93, "ci95": 0.01}
+    (line,) = headline([plain, whitened])[2:]
+    assert line.startswith("| ... and unlabelled two-clip mixes | 110k | 2 | 88.5 (88.0-89.0)")
+    assert line.endswith("| 93.0 (93.0-93.0, 1 seed) |")
+    table = student_table([plain, whitened])[2:]
+    assert table[0].endswith("|  |") and "93.0 ± 1.0 / n/a" in table[1]
