@@ -27,3 +27,16 @@ def test_the_bundled_model_carries_the_graph_the_service_runs() -> None:
 
     encoder = load_onnx_encoder(default_bundle_path())  # hash-checked and probed
     assert encoder.manifest.graph is not None and encoder.manifest.graph.input == "logmel"
+
+
+def test_the_training_config_of_the_readme_is_the_bundled_models() -> None:
+    """``sceneprint train student training/configs/student-default.json`` runs the config the bundle records."""
+    from pathlib import Path
+
+    from sceneprint.config import to_dict
+    from sceneprint.training.commands import _load_config
+    from sceneprint.training.student import StudentConfig
+
+    _, manifest = load_bundle(default_bundle_path())
+    config = Path(__file__).parents[2] / "training" / "configs" / "student-default.json"
+    assert to_dict(_load_config(StudentConfig, config, None)) == manifest.training["config"]
