@@ -261,14 +261,11 @@ def run_evaluate(*, bundle: Path | None, baseline: str | None, data: Path, layou
 def _whiten(encoder: ClipEncoder | OnnxEncoder, data: Path, layout: str, split: str, raw: np.ndarray
             ) -> tuple[np.ndarray, dict[str, Any]]:
     """``raw`` through a within-class whitening fitted on the split's training classes, and what was fitted."""
-    from sceneprint.training.whitening import apply_whitening, choose_shrinkage, within_class_whitening
+    from sceneprint.training.whitening import apply_whitening, fit_whitening
 
     train = set(json.loads((data / "splits" / f"{split}.json").read_text(encoding="utf-8"))["train_classes"])
     fit_clips = [c for c in read_dataset(data, layout) if c.label in train]
-    _, fit_raw = embed_dataset(encoder, fit_clips)
-    labels, sources = [c.label for c in fit_clips], [c.source_id for c in fit_clips]
-    shrinkage, cv = choose_shrinkage(fit_raw, labels, sources)
-    mean, matrix = within_class_whitening(fit_raw, labels, shrinkage)
+    mean, matrix, shrinkage, cv = fit_whitening(encoder, fit_clips)
     info = {"fitted_on": f"{len(fit_clips)} clips of the {len(train)} training classes of {split}",
             "shrinkage": shrinkage, "shrinkage_cross_validation": cv}
     return apply_whitening(raw, mean, matrix).astype(np.float32), info

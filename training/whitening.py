@@ -29,11 +29,12 @@ import torch
 from sceneprint.bundle import load_bundle, save_bundle
 from sceneprint.complexity import complexity_card
 from sceneprint.cpmobile import CPMobileConfig
-from sceneprint.encoder import Encoder
+from sceneprint.encoder import ClipEncoder, Encoder
 from sceneprint.manifest import Manifest
 from sceneprint.prototypes import l2_normalize
+from sceneprint.runtime import OnnxEncoder
 from sceneprint.training.data import load_meta, load_split
-from sceneprint.training.datasets import read_dataset
+from sceneprint.training.datasets import LabelledClip, read_dataset
 from sceneprint.training.evaluate import calibrated_threshold, embed_dataset, heldout_report
 from sceneprint.training.fewshot import evaluate
 
@@ -115,6 +116,17 @@ def choose_shrinkage(embeddings: np.ndarray, labels: Sequence[str], sources: Seq
     return float(best), scores
 
 
+def fit_whitening(encoder: ClipEncoder | OnnxEncoder, clips: Sequence[LabelledClip]
+                  ) -> tuple[np.ndarray, np.ndarray, float, dict[str, float]]:
+    """The within-class whitening of ``encoder``'s clip embeddings (before normalisation) of ``clips``, the
+    shrinkage cross-validated over folds of their classes: ``(mean, matrix, shrinkage, accuracy per shrinkage)``."""
+    _, raw = embed_dataset(encoder, clips)
+    labels, sources = [c.label for c in clips], [c.source_id for c in clips]
+    shrinkage, cv = choose_shrinkage(raw, labels, sources)
+    mean, matrix = within_class_whitening(raw, labels, shrinkage)
+    return mean, matrix, shrinkage, cv
+
+
 @torch.no_grad()
 def fold_whitening(encoder: Encoder, mean: np.ndarray, matrix: np.ndarray) -> Encoder:
     """A copy of ``encoder`` whose embeddings before normalisation are ``(e - mean) @ matrix`` of its own.
@@ -161,10 +173,7 @@ def whiten_bundle(src: Path, dst: Path, data: Path, *, split: str = "fewshot-v1"
     clips = [c for c in read_dataset(data) if c.label in trained_on]
     if not clips:
         raise ValueError(f"{src}: none of the classes it was trained on ({sorted(trained_on)[:3]}...) is in {data}")
-    _, raw = embed_dataset(encoder, clips)
-    labels, sources = [c.label for c in clips], [c.source_id for c in clips]
-    shrinkage, cv = choose_shrinkage(raw, labels, sources)
-    mean, matrix = within_class_whitening(raw, labels, shrinkage)
+    mean, matrix, shrinkage, cv = fit_whitening(encoder, clips)
     whitened = fold_whitening(encoder, mean, matrix)
     results = heldout_report(whitened, data, load_meta(data), load_split(data, split), episodes=episodes,
                              cache_dir=cache_dir)
@@ -198,5 +207,5 @@ def summary(manifest: Manifest) -> str:
             + f"; {json.dumps(manifest.training['whitening']['shrinkage_cross_validation']['accuracy'])}")
 
 
-__all__ = ["SHRINKAGE_GRID", "apply_whitening", "choose_shrinkage", "fold_whitening", "summary", "whiten_bundle",
-           "within_class_whitening"]
+__all__ = ["SHRINKAGE_GRID", "apply_whitening", "choose_shrinkage", "fit_whitening", "fold_whitening", "summary",
+           "whiten_bundle", "within_class_whitening"]
