@@ -11,7 +11,7 @@ TAU 2022 Mobile, TUT 2017). Supports and queries always come from different reco
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,10 @@ from sceneprint.frontend import LogMel, LogMelConfig
 from sceneprint.prototypes import EnrollmentCalibration, l2_normalize
 from sceneprint.runtime import OnnxEncoder, load_onnx_encoder
 from sceneprint.training.calibration import best_rule, check_rates, compare_rules, per_scene_sweep, rule_scores
-from sceneprint.training.data import ClipMeta, FewShotSplit, cached_logmels, decode_file
+from sceneprint.training.data import ClipMeta, FewShotSplit, cached_logmels, decode_file, load_split
 from sceneprint.training.datasets import LabelledClip, read_dataset
 from sceneprint.training.fewshot import Probe, evaluate, logmel_statistics, open_set
+from sceneprint.windows import aggregate_windows
 
 PROTOCOL = ("episodes over the 10 held-out classes of splits/fewshot-v1.json; supports and queries from different "
             "recordings (source_id); 15 queries per class; nearest prototype by cosine; embeddings from decoded audio "
@@ -46,17 +47,21 @@ def embed_clips(encoder: ClipEncoder, root: Path, clips: list[ClipMeta]) -> np.n
                      for c in tqdm(clips, desc="embedding clips", leave=False)])
 
 
-def embed_dataset(encoder: ClipEncoder | OnnxEncoder, clips: Sequence[LabelledClip]) -> tuple[np.ndarray, np.ndarray]:
+def embed_dataset(encoder: ClipEncoder | OnnxEncoder, clips: Sequence[LabelledClip],
+                  transform: Callable[[np.ndarray], np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Unit embeddings (the service's) and embeddings before normalisation (a linear probe's) of ``clips``.
 
     ``encoder`` is the bundle's torch encoder or its ONNX graph (what the service runs); both window a clip
-    with ``sceneprint.windows``.
+    with ``sceneprint.windows``. ``transform`` maps each window's features before they are aggregated, where a
+    map folded into the network would act (e.g. a whitening: ``run_evaluate(whiten=True)``).
     """
     unit, raw = [], []
     for clip in tqdm(clips, desc="embedding clips", unit="clip"):
         wav = decode_clip(clip.path.read_bytes(), sample_rate=encoder.sample_rate, limits=EVAL_LIMITS).waveform
         windows = encoder.window_features(wav)  # (W, D)
-        unit.append(l2_normalize(l2_normalize(windows).mean(axis=0)))  # what embed_clip returns
+        if transform is not None:
+            windows = transform(windows)
+        unit.append(aggregate_windows(windows))  # what embed_clip returns
         raw.append(windows.mean(axis=0))
     return np.stack(unit), np.stack(raw)
 
@@ -237,15 +242,15 @@ def run_evaluate(*, bundle: Path | None, baseline: str | None, data: Path, layou
         else:
             chosen, manifest = load_bundle(bundle)
             used = "torch"
-        unit, raw = embed_dataset(chosen, clips)
         threshold, calibration = manifest.unknown_threshold, manifest.calibration
         source: dict[str, Any] = {"bundle": str(bundle), "model_version": manifest.model_version,
                                   "architecture": manifest.architecture, "engine": used}
+        transform = None
         if whiten:
             assert split is not None
-            raw, source["whitening"] = _whiten(chosen, data, layout, split, raw)
-            unit = l2_normalize(raw)
+            transform, source["whitening"] = _whitening(chosen, data, layout, split)
             threshold, calibration = None, None  # the bundle's were calibrated on other embeddings
+        unit, raw = embed_dataset(chosen, clips, transform)
     elif baseline == "logmel-stats":
         threshold, calibration = None, None
         raw = logmel_baseline(clips)
@@ -258,17 +263,17 @@ def run_evaluate(*, bundle: Path | None, baseline: str | None, data: Path, layou
     return {**source, "data": str(data), "split": split, **report}
 
 
-def _whiten(encoder: ClipEncoder | OnnxEncoder, data: Path, layout: str, split: str, raw: np.ndarray
-            ) -> tuple[np.ndarray, dict[str, Any]]:
-    """``raw`` through a within-class whitening fitted on the split's training classes, and what was fitted."""
+def _whitening(encoder: ClipEncoder | OnnxEncoder, data: Path, layout: str, split: str
+               ) -> tuple[Callable[[np.ndarray], np.ndarray], dict[str, Any]]:
+    """A within-class whitening of window features fitted on the split's training classes, and what was fitted."""
     from sceneprint.training.whitening import apply_whitening, fit_whitening
 
-    train = set(json.loads((data / "splits" / f"{split}.json").read_text(encoding="utf-8"))["train_classes"])
+    train = set(load_split(data, split).train_classes)
     fit_clips = [c for c in read_dataset(data, layout) if c.label in train]
     mean, matrix, shrinkage, cv = fit_whitening(encoder, fit_clips)
     info = {"fitted_on": f"{len(fit_clips)} clips of the {len(train)} training classes of {split}",
             "shrinkage": shrinkage, "shrinkage_cross_validation": cv}
-    return apply_whitening(raw, mean, matrix).astype(np.float32), info
+    return (lambda w: apply_whitening(w, mean, matrix).astype(np.float32)), info
 
 
 def update_manifest(bundle: Path, figures: dict[str, Any]) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from sceneprint.bundle import load_bundle, save_bundle
+from sceneprint.bundle import load_bundle, read_manifest, save_bundle
 from sceneprint.complexity import complexity_card
 from sceneprint.cpmobile import CPMobileConfig
 from sceneprint.encoder import ClipEncoder, Encoder
@@ -82,6 +82,11 @@ def apply_whitening(embeddings: np.ndarray, mean: np.ndarray, matrix: np.ndarray
     return (np.asarray(embeddings, dtype=np.float64) - mean) @ matrix
 
 
+def class_folds(n_classes: int, folds: int = 3) -> int:
+    """How many folds of classes ``choose_shrinkage`` uses: at most ``folds``, each holding a 5-way episode."""
+    return min(folds, n_classes // 5)
+
+
 def choose_shrinkage(embeddings: np.ndarray, labels: Sequence[str], sources: Sequence[str], *,
                      grid: Sequence[float] = SHRINKAGE_GRID, folds: int = 3, episodes: int = 200, seed: int = 0
                      ) -> tuple[float, dict[str, float]]:
@@ -96,7 +101,7 @@ def choose_shrinkage(embeddings: np.ndarray, labels: Sequence[str], sources: Seq
     """
     x, y, src = np.asarray(embeddings, dtype=np.float64), np.asarray(labels), np.asarray(sources)
     classes = np.random.default_rng(seed).permutation(np.unique(y))
-    folds = min(folds, len(classes) // 5)  # each fold holds the 5 classes of an episode
+    folds = class_folds(len(classes), folds)
     if folds < 2:
         raise ValueError(f"{len(classes)} classes are too few to cross-validate the whitening: at least 10 "
                          "(two folds of 5-way episodes)")
@@ -160,7 +165,6 @@ def whiten_bundle(src: Path, dst: Path, data: Path, *, split: str = "fewshot-v1"
     calibrated (or ``calibrate``), its enrollment calibration at ``false_refusal`` (default: the training
     config's, else 0.5%).
     """
-    from sceneprint.bundle import read_manifest
     from sceneprint.export import add_onnx_after_training
     from sceneprint.training.calibration import calibrate_bundle
 
@@ -182,7 +186,7 @@ def whiten_bundle(src: Path, dst: Path, data: Path, *, split: str = "fewshot-v1"
     info = {"kind": "within-class whitening, folded into the 1x1 head convolution",
             "fitted_on": f"{len(clips)} clips of the {len(trained_on)} classes the student was trained on",
             "shrinkage": shrinkage,
-            "shrinkage_cross_validation": {"folds_of_classes": min(3, len(trained_on) // 5),
+            "shrinkage_cross_validation": {"folds_of_classes": class_folds(len(trained_on)),
                                            "probe": "prototype 5-way 5-shot",
                                            "accuracy": cv}}
     saved = save_bundle(dst, whitened, model_version=model_version or manifest.model_version,
@@ -207,5 +211,5 @@ def summary(manifest: Manifest) -> str:
             + f"; {json.dumps(manifest.training['whitening']['shrinkage_cross_validation']['accuracy'])}")
 
 
-__all__ = ["SHRINKAGE_GRID", "apply_whitening", "choose_shrinkage", "fit_whitening", "fold_whitening", "summary",
-           "whiten_bundle", "within_class_whitening"]
+__all__ = ["SHRINKAGE_GRID", "apply_whitening", "choose_shrinkage", "class_folds", "fit_whitening", "fold_whitening",
+           "summary", "whiten_bundle", "within_class_whitening"]
