@@ -92,13 +92,20 @@ class ClipStore:
             FileNotFoundError: There is no such blob.
         """
         deadline = time.monotonic() + wait_s
+        missing = 0  # consecutive looks that found neither the blob nor a copy set aside
         while True:
             try:
                 return self.path(sha256).read_bytes()
             except FileNotFoundError:
-                if time.monotonic() > deadline or not self._aside(sha256):
+                if time.monotonic() > deadline:
                     raise
-            time.sleep(0.01)
+                # The remover may have put the blob back between the failed read and this look: a blob is gone
+                # only when a second read after the look fails too, and still nothing is aside.
+                missing = 0 if self._aside(sha256) else missing + 1
+                if missing == 2:
+                    raise
+            if missing == 0:
+                time.sleep(0.01)
 
     def _aside(self, sha256: str) -> bool:
         return any(self.path(sha256).parent.glob(f".trash-{sha256}-*"))

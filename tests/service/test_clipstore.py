@@ -55,6 +55,30 @@ def test_a_writer_committing_after_the_second_read_writes_the_blob_again(tmp_pat
     assert store.read(SHA) == DATA
 
 
+def test_a_read_that_misses_a_blob_put_back_meanwhile_reads_it_again(tmp_path: Path) -> None:
+    # A reader's read fails while a remover has the blob aside; the remover puts it back before the reader looks
+    # for the aside copy, so the look finds none. The blob is there: the read must not report it lost (a CI flake).
+    store = ClipStore(tmp_path)
+    store.put(DATA, SHA)
+    trash = store.path(SHA).with_name(f".trash-{SHA}-race")
+    os.rename(store.path(SHA), trash)
+    looks = 0
+
+    def aside_after_put_back(sha256: str) -> bool:
+        nonlocal looks
+        looks += 1
+        os.replace(trash, store.path(sha256))  # the remover's second read saw the reference: put back
+        return False
+
+    store._aside = aside_after_put_back  # type: ignore[method-assign]
+    assert store.read(SHA) == DATA and looks == 1
+
+
+def test_a_read_of_a_blob_that_is_gone_fails(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError):
+        ClipStore(tmp_path).read(SHA, wait_s=5.0)
+
+
 def test_a_failed_second_read_puts_every_blob_back(tmp_path: Path) -> None:
     store = ClipStore(tmp_path)
     store.put(DATA, SHA)
