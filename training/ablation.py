@@ -118,7 +118,7 @@ def evaluate_run(name: str, out: Path, data: Path, episodes: int, *, whiten: boo
     return result
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="*", default=[], help="run names (see --list)")
     parser.add_argument("--list", action="store_true")
@@ -131,6 +131,14 @@ def main(argv: list[str] | None = None) -> None:
                         "whitening fitted on its training classes (re-evaluates finished runs that lack it)")
     parser.add_argument("overrides", nargs="*", help="section.key=value applied to every run (e.g. optim.epochs=60)")
     args = parser.parse_args(argv)
+    # `--runs a b optim.epochs=60`: argparse gives the overrides after the names to --runs; they are overrides.
+    args.overrides = [r for r in args.runs if "=" in r] + args.overrides
+    args.runs = [r for r in args.runs if "=" not in r]
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.list:
         for name, (config, extra) in RUNS.items():
             print(f"{name:32s} {Path(config).name} {' '.join(extra)}")
