@@ -29,6 +29,20 @@ class MalformedRequest(SceneprintError):
     headers = (("Connection", "close"),)
 
 
+class InvalidBoundary(MalformedRequest):
+    """A multipart boundary the parser cannot take (over 256 characters; RFC 2046 allows 70): a request that is
+    well framed but unprocessable, so 422, like the other refusals of what a request carries."""
+
+    status, code, title = 422, "invalid_boundary", "Invalid multipart boundary"
+
+
+class ShuttingDown(SceneprintError):
+    """A request still running when the shutdown grace period ended (answered by the server, not a route)."""
+
+    status, code, title = 503, "shutting_down", "Service shutting down"
+    headers = (("Retry-After", "1"), ("Connection", "close"))
+
+
 class Unauthorized(SceneprintError):
     status, code, title = 401, "unauthorized", "API key missing or invalid"
     headers = (("WWW-Authenticate", 'Bearer realm="sceneprint"'),)
@@ -106,7 +120,11 @@ class ClipRejected(SceneprintError):
 
 
 class StorageUnavailable(SceneprintError):
+    """The disk or database refuses writes (full, read-only); reads still work. Retried by the service every few
+    seconds and on the next write."""
+
     status, code, title = 503, "storage_unavailable", "Storage unavailable"
+    headers = (("Retry-After", "5"),)
 
 
 class DatabaseBusy(SceneprintError):

@@ -25,7 +25,7 @@ async def list_keys(ring: KeyRingDep) -> list[KeyPublic]:
 
 
 @router.post("", status_code=status.HTTP_201_CREATED, response_model=KeyCreated,
-             responses=problems(401, 403, 409, 413, 422))
+             responses=problems(400, 401, 403, 409, 413, 422))
 async def create_key(body: KeyCreate, ring: KeyRingDep) -> KeyCreated:
     """Create a key; the response holds it, this once."""
     return await run_in_threadpool(lambda: ring.create(name=body.name, scope=Scope(body.scope)))

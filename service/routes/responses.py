@@ -9,7 +9,7 @@ from sceneprint.service.errors import PROBLEM_JSON
 PROBLEM_REF = {"$ref": "#/components/schemas/Problem"}
 
 _WHEN = {
-    400: "Malformed request: a multipart body that does not parse",
+    400: "Malformed request: a body that does not parse (multipart framing, or JSON too deeply nested)",
     401: "No valid API key: send `Authorization: Bearer KEY`",
     403: "The API key lacks the scope this request needs",
     404: "Not found (the problem's `code` says what)",
@@ -17,8 +17,8 @@ _WHEN = {
     409: "The name exists, or a quota (`quota_exceeded`, naming it) would be passed",
     413: "A file, or the whole body, is over its byte limit",
     415: "The body is not multipart/form-data",
-    422: "Invalid name, parameter, clip count or clip (the problem names the file)",
-    503: "Not ready, storage or database unavailable, or too many open connections",
+    422: "Invalid name, parameter, multipart boundary, clip count or clip (the problem names the file)",
+    503: "Not ready, storage or database unavailable, too many open connections, or shutting down",
 }
 # Every route can be refused for too many connections, or while the model loads.
 ALWAYS = (503,)

@@ -16,11 +16,15 @@ from sceneprint.service.settings import Settings
 
 
 class SceneNameConvertor(Convertor[str]):
-    """A scene name in a path, matched loosely so that names containing '/' reach validation (422
+    r"""A scene name in a path, matched loosely so that names containing '/' reach validation (422
     ``invalid_scene_name``) instead of falling through to a 404; but not a path that ends in a scene's
-    sub-resource (``/enroll``, ``/clips``), which belongs to those routes (GET there is a 405)."""
+    sub-resource (``/enroll``, ``/clips``), which belongs to those routes (GET there is a 405).
 
-    regex = r"(?!.*/(?:enroll|clips)$).*"
+    ``[\s\S]``, not ``.``: a name with a newline (``a%0Ab``) must match too, and be refused as a name; with
+    ``.`` it fell through to a 404, and ``a%0A`` matched as ``a`` (the route's ``$`` matches before a final
+    newline), addressing another scene."""
+
+    regex = r"(?![\s\S]*/(?:enroll|clips)\Z)[\s\S]*"
 
     def convert(self, value: str) -> str:
         return value
@@ -29,7 +33,16 @@ class SceneNameConvertor(Convertor[str]):
         return value
 
 
+class ScenePrefixConvertor(SceneNameConvertor):
+    r"""The scene name before a sub-resource (``/scenes/{name}/enroll``): anything, control characters included,
+    so that they reach validation (422) rather than a 404; but not a path that ends in a newline, which the
+    route's ``$`` would let ``/scenes/a/enroll%0A`` match as scene ``a``."""
+
+    regex = r"(?![\s\S]*\n\Z)[\s\S]*"
+
+
 register_url_convertor("scene", SceneNameConvertor())
+register_url_convertor("sceneprefix", ScenePrefixConvertor())
 # The service checks the name's pattern (one rule, one error code); the schema states it.
 SceneName = Annotated[str, Path(description="1-64 characters of a-z, 0-9, '-' and '_'.",
                                 json_schema_extra={"pattern": SCENE_NAME_PATTERN, "minLength": 1, "maxLength": 64})]
@@ -43,7 +56,7 @@ def build_router(settings: Settings) -> APIRouter:
     router = APIRouter(prefix="/scenes", tags=["scenes"])
     n, per_file = settings.clips_per_enrollment, settings.max_upload_bytes
 
-    @router.post("/{name:path}/enroll", status_code=status.HTTP_201_CREATED, response_model=SceneDetail,
+    @router.post("/{name:sceneprefix}/enroll", status_code=status.HTTP_201_CREATED, response_model=SceneDetail,
                  dependencies=[ENROLL], responses=problems(*UPLOAD, 409),
                  openapi_extra=multipart_files("files", min_items=n, max_items=n, max_file_bytes=per_file,
                                                description=f"Exactly {n} audio clips of the scene."))
@@ -55,7 +68,7 @@ def build_router(settings: Settings) -> APIRouter:
                                    max_file_bytes=settings.max_upload_bytes)
         return await scenes.enroll(name, uploads, force=force)
 
-    @router.post("/{name:path}/clips", response_model=SceneDetail, dependencies=[ENROLL],
+    @router.post("/{name:sceneprefix}/clips", response_model=SceneDetail, dependencies=[ENROLL],
                  responses=problems(*UPLOAD, 404, 409),
                  openapi_extra=multipart_files("files", min_items=1, max_items=n, max_file_bytes=per_file,
                                                description=f"One to {n} more clips of the scene."))

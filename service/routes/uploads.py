@@ -14,7 +14,7 @@ from fastapi import Request
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
-from sceneprint.service.errors import MalformedRequest, TooLarge, UnsupportedMediaType, WrongClipCount
+from sceneprint.service.errors import InvalidBoundary, MalformedRequest, TooLarge, UnsupportedMediaType, WrongClipCount
 from sceneprint.service.scenes import Upload, display_filename
 
 MAX_PART_HEADER_BYTES = 64 * 1024  # one part header line: room for a long, percent-encoded file name
@@ -23,6 +23,7 @@ MAX_PART_HEADERS = 16
 # and per request; what the body limits add to the files' own limits.
 PART_OVERHEAD_BYTES = MAX_PART_HEADER_BYTES + 4 * 1024
 REQUEST_OVERHEAD_BYTES = 64 * 1024
+MAX_BOUNDARY_CHARS = 256  # python-multipart's limit
 
 
 @dataclass
@@ -50,6 +51,7 @@ async def read_files(request: Request, *, field_name: str, max_files: int, max_f
     Raises:
         UnsupportedMediaType: Not ``multipart/form-data``.
         MalformedRequest: A body that is not valid multipart.
+        InvalidBoundary: A boundary too long for the parser (422).
         TooLarge: A file over ``max_file_bytes``, as soon as it is.
         WrongClipCount: More than ``max_files`` files (counted to the end of the body).
     """
@@ -113,11 +115,15 @@ async def read_files(request: Request, *, field_name: str, max_files: int, max_f
         nonlocal ended
         ended = True
 
-    parser = MultipartParser(boundary, {
-        "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
-        "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
-        "on_part_end": on_part_end, "on_end": on_end,
-    }, max_header_count=MAX_PART_HEADERS, max_header_size=MAX_PART_HEADER_BYTES)
+    try:
+        parser = MultipartParser(boundary, {
+            "on_part_begin": on_part_begin, "on_header_field": on_header_field, "on_header_value": on_header_value,
+            "on_header_end": on_header_end, "on_headers_finished": on_headers_finished, "on_part_data": on_part_data,
+            "on_part_end": on_part_end, "on_end": on_end,
+        }, max_header_count=MAX_PART_HEADERS, max_header_size=MAX_PART_HEADER_BYTES)
+    except FormParserError:  # the constructor refuses a boundary over 256 bytes, before any body is read
+        raise InvalidBoundary(f"the multipart boundary is {len(boundary)} characters long; use at most "
+                              f"{MAX_BOUNDARY_CHARS} (RFC 2046 allows 70)") from None
     try:
         async for chunk in request.stream():
             parser.write(chunk)
