@@ -29,11 +29,12 @@ from sceneprint.manifest import BundleError, Manifest
 from sceneprint.registry import Registry, RegistryError, verify_bundle
 from sceneprint.runtime import SessionConfig, limit_blas_threads, load_onnx_encoder, release_free_memory
 from sceneprint.service import repository as repo
+from sceneprint.service import scenes as scene_service
 from sceneprint.service.body_limits import BodyLimitMiddleware, route_body_limit
 from sceneprint.service.clipstore import ClipStore
 from sceneprint.service.connections import RateLimitedLog
 from sceneprint.service.db import make_engine, make_session_factory
-from sceneprint.service.errors import PROBLEM_JSON, SceneprintError, from_database_error, problem
+from sceneprint.service.errors import PROBLEM_JSON, SceneprintError, StorageUnavailable, from_database_error, problem
 from sceneprint.service.index import SceneIndex
 from sceneprint.service.keys import KeyRing
 from sceneprint.service.metrics import MeteredSceneService, Metrics
@@ -43,6 +44,7 @@ from sceneprint.service.routes import admin, classify, health, keys, metrics, sc
 from sceneprint.service.scenes import DecisionPolicy, LoadedModel, Quotas, SceneService
 from sceneprint.service.schemas import Problem
 from sceneprint.service.settings import Settings
+from sceneprint.service.storage import create_private_file, make_private_dir, sqlite_path, storage_failure
 from sceneprint.service.sync import ChangeFeed, ReplicaSync
 from sceneprint.service.telemetry import TelemetryMiddleware
 
@@ -61,8 +63,13 @@ def build_scene_service(settings: Settings, metrics: Metrics | None = None
         settings: The service's settings.
         metrics: Where the service counts its classifications and re-embeddings (default: a registry of its own).
     """
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    make_private_dir(settings.data_dir)  # 0700, and the database 0600 (its -wal/-shm follow), whatever the umask
+    if settings.registry is None and settings.model_path is None:
+        make_private_dir(settings.data_dir / "models")  # the default registry, under the data directory
     url = settings.resolved_database_url
+    if (db_file := sqlite_path(url)) is not None:
+        with contextlib.suppress(OSError):  # a read-only directory: SQLite opens what exists, or says why not
+            create_private_file(db_file)
     upgrade(url)
     limit_blas_threads(settings.inference_threads)  # numpy's share of an embed runs in its slot, like the graph
     engine = make_engine(url, busy_timeout_s=settings.db_busy_timeout_s)
@@ -180,6 +187,17 @@ async def _refresh_keys(ring: KeyRing, every_s: float) -> None:
                             type(exc).__name__)
 
 
+async def _retry_storage(service: SceneService) -> None:
+    """While the disk refuses writes, or clip removals wait, try again every ``STORAGE_RETRY_S``."""
+    while True:
+        await asyncio.sleep(scene_service.STORAGE_RETRY_S)
+        if service.storage_error is not None or service.store.pending:
+            try:
+                await run_in_threadpool(service.recover_storage)
+            except Exception as exc:  # a database outage: the next pass tries again
+                log.warning("cannot retry the storage writes (%s)", type(exc).__name__)
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     """Build the app. The model, database, index and keys are loaded in the lifespan, not here."""
     settings = settings or Settings()
@@ -191,7 +209,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         release_free_memory()  # what start-up freed goes back to the OS: the idle server's memory
         app.state.sync = ReplicaSync(app.state.scenes, feed, engine, settings.sync_poll_s)
         tasks = [asyncio.create_task(_refresh_keys(app.state.keys, settings.key_refresh_s)),
-                 asyncio.create_task(app.state.sync.run())]
+                 asyncio.create_task(app.state.sync.run()),
+                 asyncio.create_task(_retry_storage(app.state.scenes))]
         reloader = None
         root = settings.resolved_registry
         if root is not None:
@@ -294,7 +313,20 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def database_error(request: Request, exc: OperationalError) -> JSONResponse:
         log.warning("database error on %s: %s", request.url.path, exc)
         error = from_database_error(str(exc.orig) if exc.orig is not None else str(exc))
-        return _problem_response(request, error.status, error.code, error.title, error.detail)
+        return _problem_response(request, error.status, error.code, error.title, error.detail,
+                                 headers=dict(error.headers))
+
+    @app.exception_handler(OSError)
+    async def os_error(request: Request, exc: OSError) -> JSONResponse:
+        """A disk that refuses a write (full, read-only) is 503 ``storage_unavailable``; any other OSError is
+        raised on, to the server's own 500."""
+        reason = storage_failure(exc)
+        if reason is None:
+            raise exc
+        log.warning("storage error on %s: %s", request.url.path, reason)
+        error = StorageUnavailable(f"the data directory cannot be written ({reason})")
+        return _problem_response(request, error.status, error.code, error.title, error.detail,
+                                 headers=dict(error.headers))
 
 
 def _document_problems(app: FastAPI) -> None:

@@ -16,11 +16,17 @@ never loses a referenced blob, with no lock across processes:
 Either the writer's commit precedes the remover's second read (which then sees the reference and puts the blob
 back), or it follows it, and the writer's check, after its commit and so after the rename, finds the blob gone
 and writes it again. The lock below orders this process's own writers and removers.
+
+A blob that cannot be removed (the disk refuses: read-only, no permission) is not an error of the request that
+removed its rows, which has committed: it is logged, counted (``removal_failures``) and kept in ``pending``, which
+the service retries (``retry_pending``) on its next write and every few seconds; a restart's sweep finds it too.
+Directories are created 0700 and blobs 0600 (``service/storage.py``).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import tempfile
 import threading
@@ -29,6 +35,9 @@ import uuid
 from collections.abc import Callable, Collection
 from pathlib import Path
 
+from sceneprint.service.storage import make_private_dir
+
+log = logging.getLogger("sceneprint.service.clipstore")
 # Temporary files older than this are left-overs of a crashed write (a live write finishes in seconds); younger
 # ones may be another replica's write in progress, and are left alone.
 STALE_TEMP_S = 3600.0
@@ -45,6 +54,8 @@ class ClipStore:
         # Held across "write blobs + commit rows" and "check references + unlink", so a delete never
         # removes a blob that a concurrent enrollment is about to reference.
         self.lock = threading.RLock()
+        self.pending: set[str] = set()  # blobs whose removal the disk refused, to retry
+        self.removal_failures = 0  # blobs whose removal failed, since start (a metric)
 
     def path(self, sha256: str) -> Path:
         if len(sha256) != 64 or any(c not in "0123456789abcdef" for c in sha256):
@@ -67,12 +78,11 @@ class ClipStore:
         module's protocol); whether it had to."""
         if self.exists(sha256):
             return False
-        self.path(sha256).parent.mkdir(parents=True, exist_ok=True)
         self._write(self.path(sha256), data)
         return True
 
     def _write(self, target: Path, data: bytes) -> None:
-        target.parent.mkdir(parents=True, exist_ok=True)
+        make_private_dir(target.parent)
         fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".incoming-")
         try:
             with os.fdopen(fd, "wb") as f:
@@ -120,15 +130,27 @@ class ClipStore:
 
     def discard(self, hashes: Collection[str], references: References) -> int:
         """Remove the blobs ``hashes`` that no committed clip row references, safely beside writers in other
-        processes (the module's protocol); return how many went."""
+        processes (the module's protocol); return how many went. A blob the disk refuses to move or delete is
+        logged and kept in ``pending`` (not raised: the caller's rows are gone already)."""
         aside: dict[str, Path] = {}
+        refused: dict[str, str] = {}
         for sha in hashes:
             trash = self.path(sha).with_name(f".trash-{sha}-{uuid.uuid4().hex[:8]}")
             try:
                 os.rename(self.path(sha), trash)
             except FileNotFoundError:
+                self.pending.discard(sha)
+                continue
+            except OSError as exc:
+                refused[sha] = exc.strerror or type(exc).__name__
                 continue
             aside[sha] = trash
+        try:
+            return self._discard_aside(aside, references, refused)
+        finally:
+            self._note_refused(refused)
+
+    def _discard_aside(self, aside: dict[str, Path], references: References, refused: dict[str, str]) -> int:
         if not aside:
             return 0
         try:
@@ -141,8 +163,44 @@ class ClipStore:
                 if sha in kept and not self.exists(sha):
                     os.replace(trash, self.path(sha))
                 else:
-                    trash.unlink(missing_ok=True)
-        return len(aside) - len(kept & set(aside))
+                    try:
+                        trash.unlink(missing_ok=True)
+                    except OSError as exc:  # left aside: the sweep removes stale ones, and reads still find it
+                        refused[sha] = exc.strerror or type(exc).__name__
+                        continue
+                self.pending.discard(sha)
+        return len(aside) - len(kept & set(aside)) - len(set(refused) & set(aside) - kept)
+
+    def _note_refused(self, refused: dict[str, str]) -> None:
+        new = set(refused) - self.pending  # a retry that fails again is neither logged nor counted again
+        self.pending.update(refused)
+        if not new:
+            return
+        self.removal_failures += len(new)
+        log.warning("could not remove %d unreferenced clip blob(s) (%s); retrying later (%d pending)", len(new),
+                    ", ".join(sorted({refused[sha] for sha in new})), len(self.pending))
+
+    def retry_pending(self, references: References) -> int:
+        """Try again to remove the blobs whose removal failed; how many went."""
+        with self.lock:
+            if not self.pending:
+                return 0
+            return self.discard(set(self.pending), references)
+
+    def probe(self) -> None:
+        """Write and remove a small file in the store (is the disk writable again?).
+
+        Raises:
+            OSError: When the disk refuses.
+        """
+        make_private_dir(self.root)
+        fd, tmp = tempfile.mkstemp(dir=self.root, prefix=".incoming-probe-")
+        try:
+            os.write(fd, b"\0")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            Path(tmp).unlink(missing_ok=True)
 
     def sweep(self, referenced: set[str], references: References) -> int:
         """Remove blobs that no clip row references and stale temporary files; how many blobs went.
@@ -158,6 +216,6 @@ class ClipStore:
                 try:
                     if now - tmp.stat().st_mtime > STALE_TEMP_S:
                         tmp.unlink(missing_ok=True)
-                except FileNotFoundError:
+                except OSError:  # gone meanwhile, or the disk refuses: the next sweep tries again
                     pass
         return gone

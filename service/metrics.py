@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector
-from prometheus_client.core import GaugeMetricFamily, InfoMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, InfoMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from sceneprint.service import repository as repo
@@ -106,6 +106,14 @@ class ServiceCollector(Collector):
                                                            "model).", value=len(service.index))
         yield GaugeMetricFamily("sceneprint_inference_slots", "Threads that decode and embed clips.",
                                 value=self._inference_slots)
+        yield GaugeMetricFamily("sceneprint_storage_writable", "1 while the data directory takes writes, 0 while "
+                                                               "it refuses them (full, read-only).",
+                                value=0 if service.storage_error is not None else 1)
+        yield CounterMetricFamily("sceneprint_clip_removal_failures", "Clip blobs whose removal the disk refused "
+                                                                      "(retried later).",
+                                  value=service.store.removal_failures)
+        yield GaugeMetricFamily("sceneprint_clip_removals_pending", "Clip blobs waiting for a removal to be retried.",
+                                value=len(service.store.pending))
         depth = inference_queue_depth(service)
         if depth is not None:
             yield GaugeMetricFamily("sceneprint_inference_queue_depth", "Decode-and-embed jobs waiting for an "

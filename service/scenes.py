@@ -15,8 +15,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import os
 import re
+import threading
 import time
 import unicodedata
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -28,7 +30,7 @@ from functools import cached_property, partial
 from typing import Literal, TypeVar
 
 import numpy as np
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
@@ -60,10 +62,12 @@ from sceneprint.service.errors import (
 )
 from sceneprint.service.index import SceneIndex, SceneThreshold
 from sceneprint.service.schemas import SCENE_NAME_PATTERN, ClipQuality, SceneDetail, ScenePublic, SceneQuality
+from sceneprint.service.storage import storage_failure
 from sceneprint.service.sync import lease_blocking
 from sceneprint.service.tables import Scene
 
 T = TypeVar("T")
+log = logging.getLogger("sceneprint.service.scenes")
 
 SCENE_NAME = re.compile(SCENE_NAME_PATTERN)
 # Stored clips passed the limits in force when they were enrolled; re-embedding must not refuse them
@@ -78,6 +82,9 @@ WRITE_RETRIES = 5  # a batch that meets a concurrent delete (or another replica'
 # first instead of queueing behind re-embedding jobs. Nice 10 rather than 19: on a saturated service a reload
 # still gets about a tenth of the CPU (at 19, measured, it nearly stops); docs/benchmarks.md.
 REEMBED_NICE = 10
+# While the disk refuses writes (full, read-only), how often the service tries again (the pending start-up write,
+# a probe, clip removals that failed); the next write tries too.
+STORAGE_RETRY_S = 5.0
 
 
 def _lower_thread_priority() -> None:
@@ -276,6 +283,11 @@ class SceneService:
         self._inference = ThreadPoolExecutor(max_workers=inference_slots, thread_name_prefix="inference")
         self._reembedding = ThreadPoolExecutor(max_workers=inference_slots, thread_name_prefix="reembed",
                                                initializer=_lower_thread_priority)
+        # Why the disk or database refuses writes now (None: they work). Set by a write that failed so (or by the
+        # start-up write); writes answer 503 meanwhile, reads go on; ``recover_storage`` clears it.
+        self.storage_error: str | None = None
+        self._startup_pending = False  # the start-up write (the served model's row) is still to be made
+        self._recovering = threading.Lock()
 
     @property
     def model(self) -> LoadedModel:
@@ -301,10 +313,12 @@ class SceneService:
         """Embed scenes that lack a (current) prototype for the running model, sweep orphan audio, rebuild the
         index, and record the model as the one the service has switched to."""
         model = self.model
+        try:
+            self._record_model(model, activate=False)
+        except Exception as exc:  # a read-only or full disk: start anyway, serve reads, retry the write
+            self._storage_failed(exc)
+            self._startup_pending = True
         with self._session() as session:
-            repo.record_model(session, key=model.key, model_version=model.version,
-                              registry_version=model.registry_version)
-            session.commit()
             missing = repo.scenes_needing_prototype(session, model_version=model.key)
         if missing:
             # Replicas started together on a new model: one embeds, the others then find the work done.
@@ -318,10 +332,79 @@ class SceneService:
                 referenced = repo.referenced_hashes(session)
             swept = self.store.sweep(referenced, self._references)
         self.rebuild_index()
-        with self._session() as session:
-            repo.activate_model(session, key=model.key)
-            session.commit()
+        if not self._startup_pending:
+            try:
+                self._record_model(model, activate=True)
+            except Exception as exc:
+                self._storage_failed(exc)
+                self._startup_pending = True
         return {"reembedded": len(missing), "swept": swept, "indexed": len(self.index)}
+
+    def _record_model(self, model: LoadedModel, *, activate: bool) -> None:
+        """The start-up write: record ``model`` (and, with ``activate``, that it went live)."""
+        with self._session() as session:
+            repo.record_model(session, key=model.key, model_version=model.version,
+                              registry_version=model.registry_version)
+            if activate:
+                repo.activate_model(session, key=model.key)
+            session.commit()
+
+    # --- storage that refuses writes ------------------------------------------------------------
+
+    def _storage_failed(self, exc: BaseException) -> None:
+        """Note that the disk refuses writes, if that is what ``exc`` says (else raise it again)."""
+        reason = storage_failure(exc)
+        if reason is None:
+            raise exc
+        if self.storage_error is None:
+            log.warning("storage unavailable (%s): writes answer 503 storage_unavailable, reads go on; retrying "
+                        "every %.0f s", reason, STORAGE_RETRY_S)
+        self.storage_error = reason
+
+    def recover_storage(self) -> bool:
+        """Try again what the disk refused: the start-up write (or, if made, the same write as a probe of the
+        database), a probe of the clip store, clip removals that failed; whether storage works now."""
+        with self._recovering:
+            if self.storage_error is not None:
+                try:
+                    self._record_model(self.model, activate=True)
+                    self.store.probe()
+                except Exception as exc:
+                    self._storage_failed(exc)
+                    return False
+                self._startup_pending = False
+                self.storage_error = None
+                log.warning("storage writable again: writes accepted")
+            self._retry_removals()
+            return True
+
+    def _retry_removals(self) -> None:
+        if self.store.pending:
+            try:
+                self.store.retry_pending(self._references)
+            except Exception as exc:  # the database read failed: the next try reads again
+                log.warning("cannot retry clip removals (%s)", type(exc).__name__)
+
+    def _guarded(self, work: Callable[[], T]) -> T:
+        """Run a write: refused at once (503) while storage is down and still refuses; a storage failure during it
+        is answered 503 and noted; after it, clip removals that failed are tried again."""
+        if self.storage_error is not None and not self.recover_storage():
+            raise StorageUnavailable(f"the data directory cannot be written ({self.storage_error}); reads still "
+                                     "work, writes are retried")
+        retry = bool(self.store.pending)  # removals that failed before this write (not the ones it just failed)
+        try:
+            result = work()
+        except StorageUnavailable as exc:
+            self._storage_failed(exc)
+            raise
+        except (OSError, DBAPIError) as exc:
+            if storage_failure(exc) is None:
+                raise
+            self._storage_failed(exc)
+            raise StorageUnavailable(f"the data directory cannot be written ({self.storage_error})") from exc
+        if retry:
+            self._retry_removals()
+        return result
 
     def rebuild_index(self) -> None:
         """Rebuild the index from the database and check that the two agree."""
@@ -352,7 +435,7 @@ class SceneService:
                                  expected=self.clips_per_enrollment, received=len(uploads))
         async with self.writes.shared():
             active = self._use(self.active)
-            return await self._infer(partial(self._enroll, name, uploads, active, force))
+            return await self._infer(partial(self._guarded, partial(self._enroll, name, uploads, active, force)))
 
     async def add_clips(self, name: str, uploads: Sequence[Upload], force: bool = False) -> SceneDetail:
         """Add 1..clips_per_enrollment clips to an existing scene and update its prototype (checked as
@@ -363,7 +446,7 @@ class SceneService:
                                  expected=self.clips_per_enrollment, received=len(uploads))
         async with self.writes.shared():
             active = self._use(self.active)
-            return await self._infer(partial(self._add_clips, name, uploads, active, force))
+            return await self._infer(partial(self._guarded, partial(self._add_clips, name, uploads, active, force)))
 
     async def set_threshold(self, name: str, threshold: float | None) -> SceneDetail:
         """Set a scene's threshold by hand (None: back to the one its enrollment and the rule give)."""
@@ -380,7 +463,7 @@ class SceneService:
             return self._detail(name, active)
 
         async with self.writes.shared():
-            return await run_in_threadpool(work, self._use(self.active))
+            return await run_in_threadpool(self._guarded, partial(work, self._use(self.active)))
 
     async def list_scenes(self) -> list[ScenePublic]:
         active = self._use(self.active)
@@ -399,7 +482,7 @@ class SceneService:
     async def delete_scene(self, name: str) -> None:
         check_scene_name(name)
         async with self.writes.shared():
-            await run_in_threadpool(self._delete, name, self._use(self.active))
+            await run_in_threadpool(self._guarded, partial(self._delete, name, self._use(self.active)))
 
     # --- classification -------------------------------------------------------------------------
 
@@ -770,7 +853,11 @@ class SceneService:
                 repo.note_scene_change(session, scene_id=scene_id)
                 session.commit()
             active.index.remove(scene_id)
-            self.store.discard(set(hashes), self._references)
+            try:  # committed: the delete is done whatever the disk says (a blob refused is retried later)
+                self.store.discard(set(hashes), self._references)
+            except Exception as exc:
+                self.store.pending.update(hashes)
+                log.warning("cannot remove the deleted scene's audio now (%s); retrying later", type(exc).__name__)
 
     def _references(self, among: list[str]) -> set[str]:
         """Which of ``among`` committed clip rows reference, read now (the clip store's second read)."""

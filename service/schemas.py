@@ -91,6 +91,11 @@ class Readiness(BaseModel):
                                                             "fingerprint of its configs, weights and graph.")
     scenes_indexed: int | None = None
     unknown_threshold: float | None = None
+    storage: Literal["ok", "unavailable"] | None = Field(
+        default=None, description="'unavailable': the data directory refuses writes (full, read-only); reads are "
+                                  "served, writes answer 503 storage_unavailable. The service stays ready (200), so "
+                                  "a load balancer keeps sending it the reads it can serve.")
+    storage_detail: str | None = Field(default=None, description="Why storage is unavailable.")
 
 
 class ReloadPublic(BaseModel):

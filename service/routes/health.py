@@ -27,7 +27,8 @@ async def healthz() -> Health:
     "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Readiness"}},
                 PROBLEM_JSON: {"schema": PROBLEM_REF}}}})
 async def readyz(request: Request) -> Any:
-    """The model, the index and the API keys are loaded; says whether the service runs open (no key exists)."""
+    """The model, the index and the API keys are loaded; says whether the service runs open (no key exists), and
+    whether storage takes writes (``storage``: a disk that refuses them leaves the service ready for reads)."""
     scenes = getattr(request.app.state, "scenes", None)
     keys: KeyRing | None = getattr(request.app.state, "keys", None)
     if scenes is None or keys is None:
@@ -35,7 +36,9 @@ async def readyz(request: Request) -> Any:
     active = scenes.active  # one reference: model, index and threshold of one moment
     return Readiness(status="ready", access="open" if keys.open else "keys", model_version=active.model.version,
                      model_key=active.model.key, scenes_indexed=len(active.index),
-                     unknown_threshold=active.decisions.unknown_threshold)
+                     unknown_threshold=active.decisions.unknown_threshold,
+                     storage="ok" if scenes.storage_error is None else "unavailable",
+                     storage_detail=scenes.storage_error)
 
 
 @router.get("/model", dependencies=[CLASSIFY], responses=problems(401, 403))
