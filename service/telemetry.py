@@ -18,6 +18,7 @@ from typing import Any
 
 from fastapi.routing import iter_route_contexts
 from starlette.datastructures import MutableHeaders
+from starlette.requests import ClientDisconnect
 from starlette.routing import compile_path
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -34,6 +35,9 @@ REQUEST_ID_HEADER = "X-Request-ID"
 MODEL_VERSION_HEADER = "X-Model-Version"
 MODEL_KEY_HEADER = "X-Model-Key"
 QUIET_ROUTES = frozenset({"/healthz", "/readyz", "/metrics"})
+# nginx's "client closed request": what a request is counted and logged as when its client went away before
+# the answer (a disconnect mid-upload), which is no error of the server's.
+CLIENT_CLOSED_REQUEST = 499
 MAX_LOGGED_PATH = 256  # characters of the raw path kept in the access event
 CONVERTER = re.compile(r"{([^}:]+):[^}]*}")  # "{name:path}" -> "{name}", as the OpenAPI document writes it
 
@@ -110,6 +114,10 @@ class TelemetryMiddleware:
 
         try:
             await self.app(scope, receive, send_with_id)
+        except ClientDisconnect:
+            # Nobody is left to answer; the access event (INFO, no traceback) records the status as 499.
+            if not started_response:
+                status = CLIENT_CLOSED_REQUEST
         except Exception as exc:
             # A bug: logged here, with its traceback and the request id, which the client gets in its header with
             # a problem document that says nothing of the internals (unless the answer had already begun).

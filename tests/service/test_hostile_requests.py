@@ -11,7 +11,7 @@ from tests.service.live import multipart
 PROBLEM_JSON = "application/problem+json"
 
 
-def post_multipart(client: TestClient, path: str, body: bytes, boundary: str):  # type: ignore[no-untyped-def]
+def post_multipart(client: TestClient, path: str, body: bytes, boundary: str):
     return client.post(path, content=body, headers={"content-type": f"multipart/form-data; boundary={boundary}"})
 
 
