@@ -24,6 +24,13 @@ MAX_CHANNELS = 8
 ACCEPTED_FORMATS = "WAV (PCM or float), FLAC, OGG (Vorbis or Opus), MP3"
 # Standard deviation below which a clip carries no signal (about -100 dBFS): digital silence or DC.
 SILENCE_STD = 1e-5
+# Float audio is nominally within [-1, 1]; a peak this far above full scale (+80 dB) is not a recording.
+# Refused here, before a power spectrum could overflow float32 (amplitudes of ~1e17 do).
+MAX_PEAK = 1e4
+# Frames decoded at a time: the input is held one block at a time (at most 8 channels x 64 Ki frames of
+# float32, 2 MiB), so a request's memory is bounded by its output at the encoder's rate, not by the
+# input's rate times its channels.
+DECODE_BLOCK_FRAMES = 65_536
 
 
 class AudioError(ValueError):
@@ -61,7 +68,15 @@ class Silent(AudioError):
 
 
 class NonFinite(AudioError):
+    """NaN or infinite samples, features or embeddings."""
+
     code = "non_finite"
+
+
+class OutOfRange(AudioError):
+    """Samples far outside full scale (float audio with absurd amplitudes)."""
+
+    code = "out_of_range"
 
 
 @dataclass(frozen=True)
@@ -113,8 +128,8 @@ def decode_clip(data: bytes, *, sample_rate: int, limits: ClipLimits) -> Decoded
             _check_header(rate, channels, frames, limits)
             # Read at most one frame past the limit: a header that under-reports cannot make us
             # decode more than that.
-            max_frames = int(limits.max_seconds * rate) + 1
-            samples = f.read(frames=min(frames, max_frames), dtype="float32", always_2d=True)  # (N, C)
+            max_frames = min(frames, int(limits.max_seconds * rate) + 1)
+            mono, n_frames, std = _decode_mono(f, max_frames, rate, sample_rate)
     except AudioError:
         raise
     except (sf.LibsndfileError, RuntimeError, TypeError, ValueError, OverflowError) as exc:
@@ -126,25 +141,60 @@ def decode_clip(data: bytes, *, sample_rate: int, limits: ClipLimits) -> Decoded
         raise UndecodableAudio(f"not a decodable audio file ({_reason(exc)}); accepted formats: {ACCEPTED_FORMATS}"
                                ) from exc
 
-    if samples.shape[0] == 0:
+    if n_frames == 0:
         raise TooShort("the file holds no audio frames")
-    if not np.isfinite(samples).all():
-        raise NonFinite("the audio contains NaN or infinite samples")
-    mono = samples.mean(axis=1, dtype=np.float32)  # (N,)
-    duration = len(mono) / rate
+    duration = n_frames / rate
     if duration < limits.min_seconds:
         raise TooShort(f"{duration:.3f} s of audio; at least {limits.min_seconds:g} s is needed")
     if duration > limits.max_seconds:
         raise TooLong(f"{duration:.1f} s of audio; at most {limits.max_seconds:g} s is accepted")
-    if float(mono.std()) < SILENCE_STD:
+    if std < SILENCE_STD:
         raise Silent("the audio is silent (digital silence or a constant value)")
     return DecodedClip(
-        waveform=resample(mono, rate, sample_rate),
+        waveform=mono,
         sample_rate=sample_rate,
         source_sample_rate=rate,
         source_channels=channels,
         source_format=fmt,
     )
+
+
+def _decode_mono(f: sf.SoundFile, max_frames: int, rate: int, sample_rate: int) -> tuple[np.ndarray, int, float]:
+    """Decode, check, downmix and resample ``f`` one block at a time.
+
+    Returns:
+        The mono waveform at ``sample_rate``, the number of source frames, and the standard deviation of
+        the mono signal at the source rate (merged per block in float64, Chan et al.'s pairwise update, so
+        a DC offset does not cancel it away).
+    """
+    stream = None if rate == sample_rate else soxr.ResampleStream(rate, sample_rate, 1, dtype="float32",
+                                                                     quality="HQ")
+    pieces: list[np.ndarray] = []
+    count, mean, m2 = 0, 0.0, 0.0
+    for block in f.blocks(blocksize=DECODE_BLOCK_FRAMES, frames=max_frames, dtype="float32", always_2d=True):
+        if not np.isfinite(block).all():
+            raise NonFinite("the audio contains NaN or infinite samples (or values beyond float32's range)")
+        peak = float(np.abs(block).max(initial=0.0))
+        if peak > MAX_PEAK:
+            raise OutOfRange(f"sample values reach {peak:.3g}; float audio must lie within +-{MAX_PEAK:g} "
+                             "(nominally +-1)")
+        mono = block.mean(axis=1, dtype=np.float32)  # (n,)
+        n = len(mono)
+        if n == 0:
+            continue
+        block_mean = float(mono.mean(dtype=np.float64))
+        block_m2 = float(np.square(mono - block_mean, dtype=np.float64).sum())
+        delta = block_mean - mean
+        total = count + n
+        mean += delta * n / total
+        m2 += block_m2 + delta * delta * count * n / total
+        count = total
+        pieces.append(mono if stream is None else stream.resample_chunk(mono))
+    if stream is not None:
+        pieces.append(stream.resample_chunk(np.zeros(0, dtype=np.float32), last=True))
+    waveform = np.concatenate(pieces) if pieces else np.zeros(0, dtype=np.float32)
+    std = (m2 / count) ** 0.5 if count else 0.0
+    return np.ascontiguousarray(waveform, dtype=np.float32), count, std
 
 
 def resample(waveform: np.ndarray, orig_rate: int, new_rate: int) -> np.ndarray:

@@ -20,6 +20,8 @@ from functools import lru_cache
 
 import numpy as np
 
+from sceneprint.audio import NonFinite
+
 
 @dataclass(frozen=True)
 class LogMelConfig:
@@ -115,7 +117,11 @@ def logmel(waveform: np.ndarray, config: LogMelConfig) -> np.ndarray:
     frames = np.lib.stride_tricks.sliding_window_view(padded, config.n_fft, axis=1)[:, ::config.hop_length]
     frames = frames[:, :n_frames] * _analysis_window64(config)  # (B, T, n_fft) float64
     spectrum = np.fft.rfft(frames, axis=-1).astype(np.complex64)  # (B, T, n_fft // 2 + 1)
-    power = spectrum.real**2 + spectrum.imag**2
-    mel = power @ mel_filterbank(config)  # (B, T, n_mels)
-    out = (np.log(mel + np.float32(config.log_offset)) - np.float32(config.norm_mean)) / np.float32(config.norm_std)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked for below, as a typed error
+        power = spectrum.real**2 + spectrum.imag**2
+        mel = power @ mel_filterbank(config)  # (B, T, n_mels)
+        out = (np.log(mel + np.float32(config.log_offset)) - np.float32(config.norm_mean)) / np.float32(config.norm_std)
+    if not np.isfinite(out).all():
+        # Decoding bounds amplitudes, so this is a waveform from elsewhere: refused, never passed on.
+        raise NonFinite("the log-mel features are not finite (the waveform's power overflows float32)")
     return np.ascontiguousarray(out.transpose(0, 2, 1)[:, None], dtype=np.float32)  # (B, 1, n_mels, T)

@@ -42,8 +42,15 @@ def mean_direction(embeddings: np.ndarray) -> np.ndarray:
 
 
 def prototype(clip_embeddings: np.ndarray) -> np.ndarray:
-    """A scene's prototype from its clips' embeddings (N, D) -> (D,)."""
-    return mean_direction(clip_embeddings)
+    """A scene's prototype from its clips' embeddings (N, D) -> (D,).
+
+    Raises:
+        ValueError: An embedding or the prototype is not finite: nothing non-finite is ever stored.
+    """
+    proto = mean_direction(clip_embeddings)
+    if not (np.isfinite(clip_embeddings).all() and np.isfinite(proto).all()):
+        raise ValueError("a prototype of non-finite embeddings")
+    return proto
 
 
 def cosine_scores(query: np.ndarray, prototypes: np.ndarray) -> np.ndarray:

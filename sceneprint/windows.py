@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from sceneprint.audio import NonFinite
 from sceneprint.prototypes import mean_direction
 
 
@@ -38,5 +39,17 @@ def cut_windows(waveform: np.ndarray, sample_rate: int, window: WindowConfig) ->
 
 
 def aggregate_windows(window_features: np.ndarray) -> np.ndarray:
-    """A clip's embedding from its windows' embeddings (W, D) -> (D,): the re-normalised mean of unit vectors."""
-    return mean_direction(window_features)
+    """A clip's embedding from its windows' embeddings (W, D) -> (D,): the re-normalised mean of unit vectors.
+
+    Raises:
+        NonFinite: A window's embedding is not finite or has no direction (zero length), or the mean has
+            none: every encoder's clip embedding passes here, so nothing non-finite leaves an encoder.
+    """
+    x = np.asarray(window_features)
+    norms = np.linalg.norm(x, axis=-1) if x.size else np.zeros(0)
+    if not (np.isfinite(x).all() and np.isfinite(norms).all() and (norms > 0).all() and len(norms)):
+        raise NonFinite("the clip's embedding is not finite")
+    out = mean_direction(x)
+    if not (np.isfinite(out).all() and np.linalg.norm(out) > 0.5):
+        raise NonFinite("the clip's embedding is not finite")
+    return out

@@ -496,7 +496,7 @@ class SceneService:
             t0 = time.perf_counter()
             clip = self._decode(model, upload)
             t1 = time.perf_counter()
-            query = model.embed(clip)
+            query = self._embed(model, upload, clip)
             t2 = time.perf_counter()
             matches = active.index.search(query, top_k)
             return clip, matches, [t0, t1, t2, time.perf_counter()]
@@ -654,9 +654,10 @@ class SceneService:
                 continue
             try:
                 decoded = decode_clip(data, sample_rate=model.encoder.sample_rate, limits=STORED_CLIP_LIMITS)
+                vector = model.embed(decoded)
             except AudioError as exc:
-                raise ReembedFailed(f"stored clip {sha[:12]}... cannot be decoded: {exc.reason}") from exc
-            out.append((clip_id, model.embed(decoded)))
+                raise ReembedFailed(f"stored clip {sha[:12]}... cannot be embedded: {exc.reason}") from exc
+            out.append((clip_id, vector))
         return out
 
     def _store_embeddings(self, key: str, rows: list[tuple[int, np.ndarray | None]]) -> None:
@@ -731,7 +732,7 @@ class SceneService:
                 raise SceneExists(f"scene {name!r} already exists", scene=name)
             self._check_quotas(session, None, uploads, hashes)
         decoded = [self._decode(model, u) for u in uploads]
-        embeddings = [model.embed(d) for d in decoded]
+        embeddings = [self._embed(model, u, d) for u, d in zip(uploads, decoded, strict=True)]
         quality = self._check_quality(decisions, [display_filename(u.filename) for u in uploads],
                                       np.stack(embeddings), new=range(len(uploads)), force=force)
         forced = force and self._refused(decisions, quality, range(len(uploads)))
@@ -758,7 +759,7 @@ class SceneService:
             self._check_quotas(session, scene, uploads, hashes)
             stored = repo.clip_similarity_rows(session, scene_id=scene.id, model_version=model.key)
         decoded = [self._decode(model, u) for u in uploads]
-        embeddings = [model.embed(d) for d in decoded]
+        embeddings = [self._embed(model, u, d) for u, d in zip(uploads, decoded, strict=True)]
         names = [n for n, _ in stored] + [display_filename(u.filename) for u in uploads]
         together = np.stack([v for _, v in stored] + embeddings)
         new = range(len(stored), len(together))
@@ -896,6 +897,13 @@ class SceneService:
     def _decode(self, model: LoadedModel, upload: Upload) -> DecodedClip:
         try:
             return decode_clip(upload.data, sample_rate=model.encoder.sample_rate, limits=self.limits)
+        except AudioError as exc:
+            raise ClipRejected(display_filename(upload.filename), exc) from exc
+
+    def _embed(self, model: LoadedModel, upload: Upload, clip: DecodedClip) -> np.ndarray:
+        """The clip's embedding; a clip whose features or embedding are not finite is refused (the core decides)."""
+        try:
+            return model.embed(clip)
         except AudioError as exc:
             raise ClipRejected(display_filename(upload.filename), exc) from exc
 

@@ -141,3 +141,16 @@ def write_labelled_dataset(root: Path, *, n_classes: int = 10, recordings: int =
         "name": split, "train_classes": names[: n_classes - heldout], "heldout_classes": names[n_classes - heldout:],
         "val_sources": val_sources}))
     return root
+
+
+def wide_quiet_flac(seconds: float, rate: int = 384_000, channels: int = 8, seed: int = 0) -> bytes:
+    """A small FLAC of near-silence (one LSB of dither) at a high rate and many channels: a few hundred KB that
+    decode to ``seconds * rate * channels`` samples (the memory amplification of issue 22, item 5)."""
+    buf = io.BytesIO()
+    gen = np.random.default_rng(seed)
+    with sf.SoundFile(buf, "w", samplerate=rate, channels=channels, format="FLAC", subtype="PCM_16") as f:
+        for _ in range(int(seconds)):
+            block = np.zeros((rate, channels), dtype=np.int16)
+            block[gen.integers(0, rate, 64), :] = gen.integers(-3000, 3000, (64, channels), dtype=np.int16)
+            f.write(block)
+    return buf.getvalue()

@@ -16,6 +16,7 @@ from sceneprint.audio import (
     UnsupportedAudio,
     decode_clip,
 )
+from sceneprint import audio
 from tests import audio_factory as af
 
 LIMITS = ClipLimits(min_seconds=0.5, max_seconds=30.0)
@@ -144,3 +145,56 @@ def test_decode_refuses_non_finite_samples(bad: float) -> None:
 def test_decode_accepts_clipped_square_and_white_noise(signal: str) -> None:
     x = np.sign(af.tone(100, 1.0)).astype(np.float32) if signal == "square" else af.noise(1.0, amp=0.5)
     assert decode(af.wav(x)).duration_s == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
+@pytest.mark.parametrize("peak", [1e5, 3e17, 1e30])
+def test_decode_refuses_float_audio_with_absurd_amplitudes(peak: float, subtype: str) -> None:
+    """RELIABILITY "float WAV with absurd amplitudes": valid floats far past full scale are refused with a
+    typed error, before a power spectrum could overflow (3e17 made a NaN prototype)."""
+    x = af.noise(2.0, amp=1.0).astype(np.float64)
+    with pytest.raises(audio.OutOfRange, match="within"):
+        decode_clip(af.wav(x / np.abs(x).max() * peak, subtype=subtype), sample_rate=af.RATE, limits=LIMITS)
+
+
+def test_decode_accepts_float_audio_somewhat_past_full_scale() -> None:
+    x = af.noise(2.0, amp=1.0)
+    clip = decode_clip(af.wav(x / np.abs(x).max() * 50.0, subtype="FLOAT"), sample_rate=af.RATE, limits=LIMITS)
+    assert np.isfinite(clip.waveform).all()
+
+
+def test_logmel_refuses_a_waveform_whose_power_overflows() -> None:
+    """The core decides on features too, not only on samples: a waveform that did not come through
+    ``decode_clip`` cannot give non-finite features either."""
+    from sceneprint.logmel import LogMelConfig, logmel
+
+    x = (af.noise(1.0, amp=1.0) * 3e18).astype(np.float32)[None]
+    with pytest.raises(audio.NonFinite):
+        logmel(x, LogMelConfig())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, 0.0])
+def test_aggregate_windows_refuses_non_finite_or_zero_embeddings(bad: float) -> None:
+    from sceneprint.windows import aggregate_windows
+
+    windows = np.ones((3, 8), dtype=np.float32)
+    windows[1] = bad
+    with pytest.raises(audio.NonFinite):
+        aggregate_windows(windows)
+
+
+def test_decoding_many_channels_at_a_high_rate_holds_one_block_not_the_whole_input() -> None:
+    """RELIABILITY "small compressed file that decodes to many channels at a high rate": decoded and downmixed
+    in blocks, so the peak allocation is bounded by the output at the encoder's rate (20 s at 32 kHz: 2.6 MB),
+    not by the input (20 s x 384 kHz x 8 channels of float32: 246 MB)."""
+    import tracemalloc
+
+    data = af.wide_quiet_flac(20.0)
+    tracemalloc.start()
+    try:
+        clip = decode_clip(data, sample_rate=af.RATE, limits=audio.ClipLimits(max_seconds=60.0))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert clip.duration_s == pytest.approx(20.0, abs=1e-3)
+    assert peak < 32 * 2**20, f"peak {peak / 2**20:.1f} MiB"

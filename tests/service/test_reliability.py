@@ -40,6 +40,12 @@ def float_wav_with(value: float) -> bytes:
     return af.wav(x, subtype="FLOAT")
 
 
+def loud_float_wav(peak: float, subtype: str = "FLOAT") -> bytes:
+    """White noise scaled to ``peak``: valid floats, far outside full scale (the NaN prototype of issue 22)."""
+    x = af.noise(2.0, amp=1.0, seed=7).astype(np.float64)
+    return af.wav(x / np.abs(x).max() * peak, subtype=subtype)
+
+
 BAD_CLIPS = {
     "empty_file": b"",
     "undecodable_audio:text": b"just some text, not audio\n" * 50,
@@ -55,6 +61,9 @@ BAD_CLIPS = {
     "silent:dc": af.wav(np.full(32_000, 0.3, dtype=np.float32), subtype="FLOAT"),
     "non_finite:nan": float_wav_with(np.nan),
     "non_finite:inf": float_wav_with(np.inf),
+    "out_of_range:float32_3e17": loud_float_wav(3e17),
+    "non_finite:float64_1e300": loud_float_wav(1e300, "DOUBLE"),
+    "out_of_range:float32_1e5": loud_float_wav(1e5),
     "unsupported_audio:rate_0hz": af.raw_wav_header(0, 1, 100, data=b"\x01\x00" * 100),
     "unsupported_audio:rate_1hz": af.raw_wav_header(1, 1, 100, data=b"\x01\x00" * 100),
     "unsupported_audio:64_channels": af.raw_wav_header(32_000, 64, 8000, data=b"\x01\x00" * 64 * 8000),
@@ -74,6 +83,20 @@ def test_one_bad_clip_among_five_is_named_and_nothing_is_stored(case: str, clien
 def test_classify_refuses_every_bad_clip(case: str, client: TestClient) -> None:
     problem_of(client.post("/classify", files={"file": ("q.wav", BAD_CLIPS[case], "audio/wav")}), 422,
                case.split(":")[0])
+
+
+def test_float_wav_with_absurd_amplitudes_never_stores_a_non_finite_prototype(client: TestClient) -> None:
+    """RELIABILITY "float WAV with absurd amplitudes": one such clip added to a healthy scene is refused
+    (422 out_of_range, nothing stored), and the scene still matches afterwards."""
+    assert client.post("/scenes/kitchen/enroll", files=clip_files()).status_code == 201
+    files = [("files", ("loud.wav", loud_float_wav(3e17), "audio/wav"))]
+    body = problem_of(client.post("/scenes/kitchen/clips", files=files), 422, "out_of_range")
+    assert body["file"] == "loud.wav"
+    scene = client.get("/scenes/kitchen").json()
+    assert len(scene["quality"]["clips"]) == 5 and scene["quality"]["cohesion"] is not None
+    r = client.post("/classify", files={"file": ("q.wav", af.wav(af.scene_clip("hum", 0)), "audio/wav")})
+    assert r.status_code == 200 and r.json()["top_k"], r.text
+    assert all(np.isfinite(m["score"]) for m in r.json()["top_k"])
 
 
 def test_content_type_and_file_name_do_not_decide_the_format(client: TestClient) -> None:
