@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from sceneprint import audio
 from sceneprint.audio import (
     ClipLimits,
     EmptyFile,
@@ -16,7 +17,6 @@ from sceneprint.audio import (
     UnsupportedAudio,
     decode_clip,
 )
-from sceneprint import audio
 from tests import audio_factory as af
 
 LIMITS = ClipLimits(min_seconds=0.5, max_seconds=30.0)
