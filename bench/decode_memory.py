@@ -43,7 +43,8 @@ def main() -> None:
         t.join()
     wall = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    out = {"file_bytes": len(data), "requests": args.requests, "seconds": args.seconds, "rss_before_mb": round(before, 1),
+    out = {"file_bytes": len(data), "requests": args.requests, "seconds": args.seconds,
+           "rss_before_mb": round(before, 1),
            "peak_before_decoding_mb": round(peak_before, 1), "peak_rss_mb": round(peak, 1), "wall_s": round(wall, 2)}
     print(json.dumps(out))
     if args.json:
