@@ -15,6 +15,9 @@ these), ``GuardedH11Protocol`` adds them to uvicorn's own h11 protocol:
   waiting (for a request's headers, or idle between requests) is closed to make room; when none is,
   the new connection is answered 503 at once and closed. Idle sockets therefore cannot lock out
   clients that send requests, and nothing is left hanging.
+- **Shutdown**: a request still running when the SIGTERM grace period ends is answered 503
+  ``shutting_down`` (a problem document, with ``Retry-After``) where uvicorn would send its own
+  text/plain 500; any other last-resort answer of uvicorn's is a 500 problem document.
 - **Log floods**: refusals, timeouts and ``accept()`` failures (out of file descriptors) are logged at
   most once per ``LOG_EVERY_S`` each, with a count of what was left out.
 """
@@ -33,7 +36,7 @@ from typing import Any
 
 import h11
 import uvicorn
-from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
 from sceneprint.service.errors import PROBLEM_JSON, problem
 from sceneprint.service.settings import Settings
@@ -102,6 +105,32 @@ def _raw_problem(status: int, reason: str, code: str, detail: str) -> bytes:
     return head.encode() + body
 
 
+SHUTDOWN_RETRY_AFTER_S = 1
+
+
+class _GuardedCycle(RequestResponseCycle):
+    """uvicorn's request cycle, whose last-resort answer (the application failed, or was cancelled, before it began
+    one) is a problem document, not uvicorn's text/plain 500: 503 ``shutting_down`` once the server is shutting
+    down (the grace period ended with the request still running), else 500 ``internal_error``."""
+
+    shutting_down = False  # set by the protocol when the server begins to shut down
+
+    async def send_500_response(self) -> None:
+        if self.shutting_down:
+            status, headers = 503, [(b"retry-after", str(SHUTDOWN_RETRY_AFTER_S).encode())]
+            body = problem(503, "shutting_down", "Service shutting down", "the server stopped before this request "
+                           "was answered; retry, on another replica or once it is back")
+        else:
+            status, headers = 500, []
+            body = problem(500, "internal_error", "Internal error", "the service failed unexpectedly")
+        content = json.dumps(body).encode()
+        await self.send({"type": "http.response.start", "status": status,
+                         "headers": [(b"content-type", PROBLEM_JSON.encode()),
+                                     (b"content-length", str(len(content)).encode()),
+                                     (b"connection", b"close"), *headers]})
+        await self.send({"type": "http.response.body", "body": content, "more_body": False})
+
+
 class GuardedH11Protocol(H11Protocol):
     """uvicorn's h11 protocol with a header timeout, a body deadline and a connection bound."""
 
@@ -112,6 +141,7 @@ class GuardedH11Protocol(H11Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._timer_kind = ""
         self._counted = False
+        self._shutting_down = False
         shared = self.shared
         if shared.open >= shared.limits.max_connections:
             oldest = next(iter(shared.waiting), None)
@@ -139,6 +169,21 @@ class GuardedH11Protocol(H11Protocol):
             self._wait_for_headers()  # the first byte of a request on a kept-alive connection
         super().data_received(data)
         self._follow_request()
+
+    def handle_events(self) -> None:
+        super().handle_events()
+        cycle = self.cycle
+        if cycle is not None and type(cycle) is RequestResponseCycle:
+            # The cycle uvicorn just made (its task has not run yet): its last-resort answer becomes ours.
+            cycle.__class__ = _GuardedCycle
+            assert isinstance(cycle, _GuardedCycle)
+            cycle.shutting_down = self._shutting_down
+
+    def shutdown(self) -> None:
+        self._shutting_down = True
+        if isinstance(self.cycle, _GuardedCycle):
+            self.cycle.shutting_down = True
+        super().shutdown()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
