@@ -38,7 +38,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol, RequestResponseCycle
 
-from sceneprint.service.errors import PROBLEM_JSON, problem
+from sceneprint.service.errors import PROBLEM_JSON, ShuttingDown, problem
 from sceneprint.service.settings import Settings
 
 log = logging.getLogger("sceneprint.service.connections")
@@ -105,9 +105,6 @@ def _raw_problem(status: int, reason: str, code: str, detail: str) -> bytes:
     return head.encode() + body
 
 
-SHUTDOWN_RETRY_AFTER_S = 1
-
-
 class _GuardedCycle(RequestResponseCycle):
     """uvicorn's request cycle, whose last-resort answer (the application failed, or was cancelled, before it began
     one) is a problem document, not uvicorn's text/plain 500: 503 ``shutting_down`` once the server is shutting
@@ -117,9 +114,11 @@ class _GuardedCycle(RequestResponseCycle):
 
     async def send_500_response(self) -> None:
         if self.shutting_down:
-            status, headers = 503, [(b"retry-after", str(SHUTDOWN_RETRY_AFTER_S).encode())]
-            body = problem(503, "shutting_down", "Service shutting down", "the server stopped before this request "
-                           "was answered; retry, on another replica or once it is back")
+            error = ShuttingDown("the server stopped before this request was answered; retry, on another replica or "
+                                 "once it is back")
+            status, body = error.status, problem(error.status, error.code, error.title, error.detail)
+            headers = [(name.lower().encode(), value.encode()) for name, value in error.headers
+                       if name.lower() != "connection"]
         else:
             status, headers = 500, []
             body = problem(500, "internal_error", "Internal error", "the service failed unexpectedly")
