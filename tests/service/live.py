@@ -116,3 +116,19 @@ def serve_process(data_dir: object, port: int, *args: str, **env: str) -> subpro
         time.sleep(0.05)
     proc.kill()
     raise RuntimeError("server did not become ready")
+
+
+def start_trickle(sock: socket.socket, data: bytes, stop: threading.Event, interval_s: float = 0.2) -> None:
+    """Send ``data`` one byte every ``interval_s`` from a daemon thread, until done, ``stop`` or a closed socket."""
+
+    def trickle() -> None:
+        for byte in data:
+            if stop.is_set():
+                return
+            try:
+                sock.sendall(bytes([byte]))
+            except OSError:
+                return
+            time.sleep(interval_s)
+
+    threading.Thread(target=trickle, daemon=True).start()

@@ -25,7 +25,7 @@ import pytest
 from sceneprint.service.connections import RateLimitedLog, accept_error_handler
 from sceneprint.service.settings import Settings
 from tests.conftest import clip_files
-from tests.service.live import LiveServer, closed_by_server, get, multipart, post_head, read_response
+from tests.service.live import LiveServer, closed_by_server, get, multipart, post_head, read_response, start_trickle
 
 BODY = multipart("file", "q.wav", b"\0" * 5000)
 
@@ -183,17 +183,7 @@ def test_sigterm_stops_the_server_within_its_grace_period_whatever_a_client_does
         sock = client = socket.create_connection(("127.0.0.1", port), timeout=10)
         client.sendall(post_head("/scenes/kitchen/enroll", len(body) + 100) + body[:1000])
 
-        def trickle() -> None:
-            for byte in body[1000:1600]:  # one byte every 0.2 s: two minutes at most
-                if stop.is_set():
-                    return
-                try:
-                    client.sendall(bytes([byte]))
-                except OSError:
-                    return
-                time.sleep(0.2)
-
-        threading.Thread(target=trickle, daemon=True).start()
+        start_trickle(client, body[1000:1600], stop)  # one byte every 0.2 s: two minutes at most
         time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=60) is not None  # without a grace period it would wait for the trickle forever

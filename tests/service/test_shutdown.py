@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from tests.conftest import clip_files
-from tests.service.live import multipart, post_head, read_response, serve_process
+from tests.service.live import multipart, post_head, read_response, serve_process, start_trickle
 
 
 def free_port() -> int:
@@ -31,17 +31,7 @@ def test_a_request_cut_short_by_the_grace_period_gets_503_shutting_down_not_a_te
         with socket.create_connection(("127.0.0.1", port), timeout=20) as client:
             client.sendall(post_head("/scenes/kitchen/enroll", len(body) + 100) + body[:1000])
 
-            def trickle() -> None:  # keeps the route reading its body past the grace period
-                for byte in body[1000:1100]:
-                    if stop.is_set():
-                        return
-                    try:
-                        client.sendall(bytes([byte]))
-                    except OSError:
-                        return
-                    time.sleep(0.2)
-
-            threading.Thread(target=trickle, daemon=True).start()
+            start_trickle(client, body[1000:1100], stop)  # keeps the route reading its body past the grace
             time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
             try:
